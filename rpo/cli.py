@@ -1,0 +1,75 @@
+"""The small shared piece of argument handling: config files, one-line errors.
+
+Every script builds a plain `argparse.ArgumentParser`, then calls `parse_args(parser)`,
+which adds `--config FILE` (YAML or JSON): the file's keys replace the parser's defaults,
+and the command line still wins. Scripts wrap their `main` in `run_main`, which turns a
+`UserError` (bad input: a path, an option) into one line on stderr and exit status 2.
+"""
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, no traceback, exit status 2."""
+
+
+def flag(parser, name, default, help):
+    """A `--name/--no-name` switch, spelled as the public code spells it (underscores kept)."""
+    parser.add_argument(f"--{name}", default=default, action=argparse.BooleanOptionalAction, help=help)
+
+
+def load_config_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"--config: no such file: {path}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"--config {path}: cannot parse: {e}".splitlines()[0]) from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of option names to values")
+    return values
+
+
+def parse_args(parser, argv=None):
+    """Parse `argv`, with defaults taken from `--config FILE` when given.
+
+    Config values go through the same type conversion and `choices` checks as the command
+    line, so a typo in the file fails the same way a typo on the command line would.
+    """
+    parser.add_argument("--config", default=None, help="YAML or JSON file of option values; the command line overrides it")
+    args = parser.parse_args(argv)
+    if args.config is None:
+        return args
+    values = load_config_file(args.config)
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in actions or key in ("help", "config"):
+            raise UserError(f"--config {args.config}: unknown option '{key}'")
+        action = actions[key]
+        if action.type is not None and value is not None and not isinstance(value, (list, bool)):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise UserError(f"--config {args.config}: bad value for '{key}': {value!r}") from None
+        if action.choices is not None and value not in action.choices:
+            raise UserError(f"--config {args.config}: '{key}' must be one of {list(action.choices)}, got {value!r}")
+        action.default = value
+    return parser.parse_args(argv)
+
+
+def run_main(main):
+    """Run `main()`, turning a UserError into one clear line and exit status 2."""
+    try:
+        return main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

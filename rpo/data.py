@@ -1,0 +1,131 @@
+"""Folder datasets: a root with one sub-folder per item, holding `caption.txt` and,
+for image datasets, one image. Items sort by folder name.
+
+`scan` checks the whole layout up front (missing root, empty root, a folder without
+caption or image, an unreadable image) so that a script fails in its first second with
+the path in the message, never hours later inside a DataLoader worker.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from rpo.cli import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class Item:
+    name: str        # the folder's name, e.g. "0042"
+    caption: str     # caption.txt, stripped
+    image: str       # path of the item's image ("" for prompt-only datasets)
+
+
+def list_images(folder):
+    """Every image file directly inside `folder`, sorted by name."""
+    return sorted(
+        os.path.join(folder, f) for f in os.listdir(folder)
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    )
+
+
+def read_caption(folder):
+    path = os.path.join(folder, "caption.txt")
+    if not os.path.isfile(path):
+        raise UserError(f"dataset item has no caption.txt: {folder}")
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def check_image(path):
+    """Decode `path` fully (not just the header), so truncated files are caught here."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise UserError(f"unreadable image {path}: {e}") from None
+
+
+def scan(root, need_image, check_images=True, what="dataset"):
+    """Validate a folder dataset and return its items, sorted by folder name."""
+    if not root or not os.path.isdir(root):
+        raise UserError(f"{what} folder not found: {root}")
+    names = sorted(n for n in os.listdir(root) if os.path.isdir(os.path.join(root, n)) and not n.startswith("."))
+    if not names:
+        raise UserError(f"{what} folder is empty (expected one sub-folder per item with caption.txt): {root}")
+    items = []
+    for name in names:
+        folder = os.path.join(root, name)
+        caption = read_caption(folder)
+        image = ""
+        if need_image:
+            images = list_images(folder)
+            if not images:
+                raise UserError(f"dataset item has no image ({'/'.join(IMAGE_EXTENSIONS)}): {folder}")
+            image = images[0]
+            if check_images:
+                check_image(image)
+        items.append(Item(name, caption, image))
+    return items
+
+
+class ExpertDataset(torch.utils.data.Dataset):
+    """Expert (image, caption) pairs for training, transformed as the public code does:
+    RGB, resize the shorter side to `resolution` (bilinear, antialiased), optional
+    horizontal flip, centre or random square crop, scale to [-1, 1].
+
+    Each item also reports the original size and crop corner: SDXL conditions on them.
+    Randomness (flip, crop) comes from `torch`'s global generator in the calling process,
+    so a seeded run gives the same images.
+    """
+
+    def __init__(self, root, resolution, random_flip=True, random_crop=False, check_images=True):
+        self.items = scan(root, need_image=True, check_images=check_images, what="train dataset")
+        self.resolution = resolution
+        self.random_flip = random_flip
+        self.random_crop = random_crop
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        item = self.items[index]
+        with Image.open(item.image) as image:
+            image = image.convert("RGB")
+        original_size = (image.height, image.width)
+        scale = self.resolution / min(image.size)
+        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BILINEAR, reducing_gap=None)
+        if self.random_flip and torch.rand(()) < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        max_top, max_left = image.height - self.resolution, image.width - self.resolution
+        if self.random_crop:
+            top = int(torch.randint(0, max_top + 1, ()))
+            left = int(torch.randint(0, max_left + 1, ()))
+        else:
+            top, left = max_top // 2, max_left // 2
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        return {
+            "pixel_values": pixels,
+            "caption": item.caption,
+            "original_size": torch.tensor(original_size),
+            "crop_top_left": torch.tensor((top, left)),
+            "index": index,
+        }
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Prompts from a folder dataset (only caption.txt is needed), in folder-name order."""
+
+    def __init__(self, root, what="prompt dataset"):
+        self.items = scan(root, need_image=False, what=what)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return {"caption": self.items[index].caption, "index": index}
