@@ -78,8 +78,9 @@ class ExpertDataset(torch.utils.data.Dataset):
     horizontal flip, centre or random square crop, scale to [-1, 1].
 
     Each item also reports the original size and crop corner: SDXL conditions on them.
-    Randomness (flip, crop) comes from `torch`'s global generator in the calling process,
-    so a seeded run gives the same images.
+    An item is asked for by `index` or by `(index, seed)`: the seed alone decides flip and
+    crop, so the same key gives the same pixels in any worker process, which is what makes
+    resume exact (see `ExpertBatches`).
     """
 
     def __init__(self, root, resolution, random_flip=True, random_crop=False, check_images=True):
@@ -91,7 +92,9 @@ class ExpertDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        rng = torch.Generator().manual_seed(seed) if seed is not None else None
         item = self.items[index]
         with Image.open(item.image) as image:
             image = image.convert("RGB")
@@ -99,12 +102,12 @@ class ExpertDataset(torch.utils.data.Dataset):
         scale = self.resolution / min(image.size)
         size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
         image = image.resize(size, Image.BILINEAR, reducing_gap=None)
-        if self.random_flip and torch.rand(()) < 0.5:
+        if self.random_flip and torch.rand((), generator=rng) < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         max_top, max_left = image.height - self.resolution, image.width - self.resolution
         if self.random_crop:
-            top = int(torch.randint(0, max_top + 1, ()))
-            left = int(torch.randint(0, max_left + 1, ()))
+            top = int(torch.randint(0, max_top + 1, (), generator=rng))
+            left = int(torch.randint(0, max_left + 1, (), generator=rng))
         else:
             top, left = max_top // 2, max_left // 2
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
@@ -129,3 +132,39 @@ class PromptDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return {"caption": self.items[index].caption, "index": index}
+
+
+class ExpertBatches(torch.utils.data.Sampler):
+    """An endless, resumable stream of batches of dataset keys `(index, seed)`.
+
+    Epoch e shuffles all items with a generator seeded by (seed, e); rank r of `world`
+    takes every world-th item of that order, so ranks see disjoint shards. Each key carries
+    its own augmentation seed. Batch n is a pure function of (seed, rank, world, n):
+    resuming at batch n needs nothing but n, whatever the number of DataLoader workers.
+    """
+
+    def __init__(self, num_items, batch_size, seed=0, rank=0, world=1, start=0):
+        if num_items < world:
+            raise UserError(f"the train dataset has {num_items} items, fewer than the {world} processes")
+        self.num_items, self.batch_size = num_items, batch_size
+        self.seed, self.rank, self.world, self.start = seed, rank, world, start
+
+    def keys(self):
+        epoch = 0
+        while True:
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            for position, index in enumerate(order[self.rank::self.world].tolist()):
+                yield index, (self.seed * 1000003 + epoch) * 1000003 + position * self.world + self.rank
+            epoch += 1
+
+    def __iter__(self):
+        keys = self.keys()
+        batch_number = 0
+        while True:
+            batch = [next(keys) for _ in range(self.batch_size)]
+            if batch_number >= self.start:
+                yield batch
+            batch_number += 1
+
+    def __len__(self):  # endless; DataLoader only needs this for len(loader)
+        return 2**62
