@@ -1,0 +1,144 @@
+"""train.py end to end on the tiny kit (CPU, fp32): exact resume, atomic checkpoints,
+the public code's defects not repeated, bad input refused before models load."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_cmd(kit, logdir, *extra):
+    return [sys.executable, os.path.join(REPO, "train.py"),
+            "--pretrained_model_name_or_path", kit["sd15"], "--train_dataset", kit["experts"],
+            "--validation_dataset", kit["prompts"], "--logdir", str(logdir),
+            "--resolution", "32", "--batch_size", "2", "--buffer_batch_size", "2", "--buffer_size", "4",
+            "--buffer_num_inference_steps", "4", "--mixed_precision", "no", "--dataloader_num_workers", "0",
+            "--report_to", "tensorboard", *extra]
+
+
+def run(cmd, ok=True):
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def weights(path):
+    return load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_resume_is_exact(kit, tmp_path):
+    # buffer_update_steps 4 with accumulation 2: the rollout copy lags the trainable weights,
+    # the harder case (its weights are part of the state); DDIM rollouts (REFERENCE §6.5).
+    common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "4", "--buffer_update_steps", "4",
+              "--buffer_scheduler", "DDIM", "--learning_rate", "1e-3", "--checkpoints_total_limit", "2")
+    run(train_cmd(kit, tmp_path / "straight", "--num_steps", "8", *common))
+    run(train_cmd(kit, tmp_path / "split", "--num_steps", "4", *common))
+    # a crash mid-save leaves a temporary folder; resume must ignore it
+    os.makedirs(tmp_path / "split" / ".tmp-ckpt-6" / "state")
+    proc = run(train_cmd(kit, tmp_path / "split", "--num_steps", "8", "--resume", *common))
+    assert "resumed from" in proc.stdout + proc.stderr and "ckpt-4" in proc.stdout + proc.stderr
+    for sub in ("unet", "ema"):
+        assert_same_weights(tmp_path / "straight" / "ckpt-8" / sub, tmp_path / "split" / "ckpt-8" / sub)
+    # the trained weights moved away from the pretrained ones
+    before = weights(os.path.join(kit["sd15"], "unet"))
+    after = weights(tmp_path / "straight" / "ckpt-8" / "unet")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "split" / ".tmp-ckpt-6").exists()
+    # the replay buffer is part of the state, not rebuilt empty (REFERENCE §6.9)
+    state = torch.load(tmp_path / "split" / "ckpt-8" / "state" / "rank0.pt", weights_only=True)
+    assert state["buffer"]["tensors"]["x_t"].shape[0] == 4
+
+
+def test_ckpt_ema_loads_as_unet_and_limit_keeps_newest_state(kit, tmp_path):
+    from diffusers import UNet2DConditionModel
+    run(train_cmd(kit, tmp_path, "--num_steps", "4", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "2",
+                  "--buffer_update_steps", "1"))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "ckpt-4" / "ema")
+    assert unet.config.cross_attention_dim == 32
+    assert (tmp_path / "ckpt-4" / "state" / "trainer.pt").exists()
+    assert (tmp_path / "ckpt-2" / "unet").exists() and not (tmp_path / "ckpt-2" / "state").exists()
+    assert (tmp_path / "training_config.json").exists()
+
+
+def test_gradient_clipping_reaches_the_weights(kit, tmp_path):
+    # AdamW is scale invariant except for eps: clipping the gradient norm to 1e-12 makes the
+    # update ~lr * g / eps, orders of magnitude smaller than the unclipped ~lr. The public
+    # code's clipping saw an exhausted iterator and never happened (REFERENCE §6.1).
+    common = ("--num_steps", "1", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "1",
+              "--buffer_update_steps", "1", "--learning_rate", "1e-2", "--no-use_ema")
+    run(train_cmd(kit, tmp_path / "free", "--max_grad_norm", "0", *common))
+    run(train_cmd(kit, tmp_path / "clipped", "--max_grad_norm", "1e-12", *common))
+    before = weights(os.path.join(kit["sd15"], "unet"))
+    def change(run_dir):
+        after = weights(run_dir / "ckpt-1" / "unet")
+        return max((after[k] - before[k]).abs().max().item() for k in before)
+    free, clipped = change(tmp_path / "free"), change(tmp_path / "clipped")
+    assert free > 1e-3
+    assert clipped < free / 100
+
+
+def test_latent_size_follows_resolution(kit, tmp_path):
+    # the tiny UNet's sample_size is 8 (64 px); --resolution 48 must give 6x6 latents on both
+    # halves (the public code took the size from the UNet config and crashed, REFERENCE §6.11)
+    run(train_cmd(kit, tmp_path, "--num_steps", "1", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "1",
+                  "--buffer_update_steps", "1", "--resolution", "48"))
+    state = torch.load(tmp_path / "ckpt-1" / "state" / "rank0.pt", weights_only=True)["buffer"]["tensors"]
+    assert state["x0"].shape[-2:] == (6, 6) and state["x_t"].shape[-2:] == (6, 6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--resolution", "30"), "--resolution must be a multiple of 8"),
+    (("--batch_size", "0"), "--batch_size must be at least 1, got 0"),
+    (("--checkpointing_steps", "3"), "--checkpointing_steps 3 must be a multiple of --gradient_accumulation_steps 2"),
+    (("--train_dataset", "/no/such/folder"), "train dataset folder not found: /no/such/folder"),
+    (("--resume",), "--resume: no complete checkpoint"),
+    (("--validation_steps", "2", "--validation_dataset", "/no/prompts"), "validation dataset folder not found: /no/prompts"),
+    (("--pretrained_model_name_or_path", "/tmp"), "is not a diffusers pipeline folder"),
+    (("--buffer_scheduler", "Euler"), "invalid choice"),
+])
+def test_bad_input_is_one_clear_line(kit, tmp_path, extra, message):
+    proc = run(train_cmd(kit, tmp_path / "log", "--gradient_accumulation_steps", "2", *extra), ok=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and "{" not in proc.stderr.strip().splitlines()[-1]
+
+
+def test_corrupt_image_is_named(kit, tmp_path):
+    import shutil
+    data = tmp_path / "experts"
+    shutil.copytree(kit["experts"], data)
+    bad = sorted(data.glob("*/*.png"))[0]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated PNG
+    proc = run(train_cmd(kit, tmp_path / "log", "--train_dataset", str(data)), ok=False)
+    assert proc.returncode == 2 and f"unreadable image {bad}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_finishes_with_same_weights(kit, tmp_path):
+    common = ("--gradient_accumulation_steps", "1", "--checkpointing_steps", "2", "--buffer_update_steps", "1",
+              "--learning_rate", "1e-3")
+    run(train_cmd(kit, tmp_path / "straight", "--num_steps", "8", *common))
+    proc = subprocess.Popen(train_cmd(kit, tmp_path / "killed", "--num_steps", "8", *common), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "ckpt-4").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run(train_cmd(kit, tmp_path / "killed", "--num_steps", "8", "--resume", *common))
+    assert_same_weights(tmp_path / "straight" / "ckpt-8" / "ema", tmp_path / "killed" / "ckpt-8" / "ema")
+    assert not [n for n in os.listdir(tmp_path / "killed") if n.startswith(".tmp")]
