@@ -27,7 +27,7 @@ from rpo import checkpoint
 from rpo.buffer import ReplayBuffer
 from rpo.cli import UserError, flag, parse_args, run_main
 from rpo.data import ExpertBatches, ExpertDataset, PromptDataset
-from rpo.loss import per_sample_mse, ranking_loss
+from rpo.dro import dro_loss
 from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
 from rpo.rollout import rollout
 from rpo.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
@@ -262,23 +262,11 @@ def main():
 
     def micro_step():
         """Sample (expert, policy) pairs at shared timesteps and take one ranking-loss backward."""
-        s = buffer.sample(args.batch_size, generator=cpu_gen)
-        t, x0 = s["t"], s["x0"]
-        eps_expert = torch.randn(x0.shape, generator=dev_gen, device=device, dtype=torch.float32)
-        x_expert = noise_scheduler.add_noise(x0.float(), eps_expert, t)
-        x = torch.cat([x_expert, s["x_t"].float()])
-        tt = torch.cat([t, t])
-        cond = torch.cat([s["prompt_embeds"]] * 2)
-        target = torch.cat([eps_expert, s["eps"].float()])
-        added = None
-        if args.sdxl:
-            added = {"text_embeds": torch.cat([s["pooled_embeds"]] * 2), "time_ids": torch.cat([s["time_ids"]] * 2)}
-        with torch.no_grad(), accelerator.autocast():
-            ref_err = per_sample_mse(unet_ref(x, tt, cond, added_cond_kwargs=added).sample, target)
+        sample = buffer.sample(args.batch_size, generator=cpu_gen)
+        eps_expert = torch.randn(sample["x0"].shape, generator=dev_gen, device=device)
         with accelerator.accumulate(unet):
-            err = per_sample_mse(unet(x, tt, cond, added_cond_kwargs=added).sample, target)
-            b = args.batch_size
-            loss, stats = ranking_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], args.margin, args.hinge)
+            loss, stats = dro_loss(unet, unet_ref, sample, eps_expert, noise_scheduler, args.margin, args.hinge,
+                                   accelerator.autocast)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, args.max_grad_norm)
