@@ -28,6 +28,7 @@ from rpo.buffer import ReplayBuffer
 from rpo.cli import UserError, flag, parse_args, run_main
 from rpo.data import ExpertBatches, ExpertDataset, PromptDataset
 from rpo.dro import dro_loss
+from rpo.latents import encode_moments, sample_latents
 from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
 from rpo.rollout import rollout
 from rpo.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
@@ -89,6 +90,7 @@ def build_parser():
     flag(p, "buffer_perturb_timesteps", True, "each trajectory gets its own random timestep offset")
     flag(p, "buffer_sync", False, "every rank samples from the union of all ranks' trajectories")
     # systems
+    flag(p, "cache_latents", False, "encode every expert (and its mirror) once and sample x0 from the cached VAE posteriors; needs centre crops")
     flag(p, "allow_tf32", False, "TF32 matmuls and convolutions on Ampere+ GPUs")
     a("--dataloader_num_workers", type=int, default=8)
     a("--mixed_precision", choices=["no", "fp16", "bf16"], default="bf16")
@@ -121,6 +123,8 @@ def check_args(args):
         raise UserError(f"--no-hinge (logistic loss) needs --margin > 0, got {args.margin}")
     if args.fp32_master_weights and args.mixed_precision != "bf16":
         raise UserError("--fp32_master_weights only applies to --mixed_precision bf16")
+    if args.cache_latents and args.random_crop:
+        raise UserError("--cache_latents needs centre crops: it caches each image and its mirror, not every random crop")
     if args.validation_steps < 0:
         raise UserError(f"--validation_steps must be >= 0, got {args.validation_steps}")
     if args.score and not args.validation_steps:
@@ -208,6 +212,10 @@ def main():
     rollout_unet = raw_unet if unet_rollout is None else unet_rollout
     checkpoint.clean_temporaries(args.logdir) if accelerator.is_main_process else None
 
+    moments = None
+    if args.cache_latents:  # before the loader: it then skips decoding pixels
+        moments = encode_moments(vae, experts, device, weight_dtype)
+        experts.load_pixels = False
     batches = ExpertBatches(len(experts), args.buffer_batch_size, args.seed, rank, world, start=expert_batches_used)
     loader = iter(torch.utils.data.DataLoader(experts, batch_sampler=batches, num_workers=args.dataloader_num_workers,
                                               pin_memory=device.type == "cuda", persistent_workers=False))
@@ -234,9 +242,12 @@ def main():
             drop = torch.rand(b, generator=cpu_gen) < args.random_drop_prompt_probability
             captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
             embeds, pooled = text.encode(captions)
-            pixels = batch["pixel_values"].to(device, weight_dtype)
-            with torch.no_grad():
-                x0 = vae.encode(pixels).latent_dist.sample(generator=dev_gen) * vae.config.scaling_factor
+            if moments is not None:
+                x0 = sample_latents(moments, batch["index"], batch["flipped"], dev_gen) * vae.config.scaling_factor
+            else:
+                with torch.no_grad():
+                    pixels = batch["pixel_values"].to(device, weight_dtype)
+                    x0 = vae.encode(pixels).latent_dist.sample(generator=dev_gen) * vae.config.scaling_factor
             x_T = torch.randn((b, raw_unet.config.in_channels, latent_size, latent_size), generator=dev_gen, device=device)
             grid = make_timesteps(args.buffer_scheduler, noise_scheduler.config, args.buffer_num_inference_steps, b,
                                   args.buffer_perturb_timesteps, generator=cpu_gen, device=device)

@@ -88,6 +88,7 @@ class ExpertDataset(torch.utils.data.Dataset):
         self.resolution = resolution
         self.random_flip = random_flip
         self.random_crop = random_crop
+        self.load_pixels = True  # False: captions, flips and sizes only (with cached latents)
 
     def __len__(self):
         return len(self.items)
@@ -95,30 +96,33 @@ class ExpertDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         rng = torch.Generator().manual_seed(seed) if seed is not None else None
+        flip = self.random_flip and bool(torch.rand((), generator=rng) < 0.5)
+        return self.load(index, flip, rng)
+
+    def load(self, index, flip, rng=None):
+        """Item `index`, mirrored or not; `rng` draws the random crop corner."""
         item = self.items[index]
         with Image.open(item.image) as image:
-            image = image.convert("RGB")
-        original_size = (image.height, image.width)
-        scale = self.resolution / min(image.size)
-        size = (max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale)))
-        image = image.resize(size, Image.BILINEAR, reducing_gap=None)
-        if self.random_flip and torch.rand((), generator=rng) < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        max_top, max_left = image.height - self.resolution, image.width - self.resolution
+            original_size = (image.height, image.width)
+            if self.load_pixels:
+                image = image.convert("RGB")
+        scale = self.resolution / min(original_size)
+        size = (max(self.resolution, round(original_size[1] * scale)), max(self.resolution, round(original_size[0] * scale)))
+        max_top, max_left = size[1] - self.resolution, size[0] - self.resolution
         if self.random_crop:
             top = int(torch.randint(0, max_top + 1, (), generator=rng))
             left = int(torch.randint(0, max_left + 1, (), generator=rng))
         else:
             top, left = max_top // 2, max_left // 2
-        image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        return {
-            "pixel_values": pixels,
-            "caption": item.caption,
-            "original_size": torch.tensor(original_size),
-            "crop_top_left": torch.tensor((top, left)),
-            "index": index,
-        }
+        out = {"caption": item.caption, "original_size": torch.tensor(original_size),
+               "crop_top_left": torch.tensor((top, left)), "index": index, "flipped": flip}
+        if self.load_pixels:
+            image = image.resize(size, Image.BILINEAR, reducing_gap=None)
+            if flip:  # flip before the crop, as the public code does
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            image = image.crop((left, top, left + self.resolution, top + self.resolution))
+            out["pixel_values"] = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        return out
 
 
 class PromptDataset(torch.utils.data.Dataset):
