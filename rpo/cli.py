@@ -60,7 +60,8 @@ def parse_args(parser, argv=None):
                 value = action.type(value)
             except (TypeError, ValueError):
                 raise UserError(f"--config {args.config}: bad value for '{key}': {value!r}") from None
-        if action.choices is not None and value not in action.choices:
+        values_to_check = value if isinstance(value, list) else [value]
+        if action.choices is not None and any(v not in action.choices for v in values_to_check):
             raise UserError(f"--config {args.config}: '{key}' must be one of {list(action.choices)}, got {value!r}")
         action.default = value
     return parser.parse_args(argv)
