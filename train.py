@@ -193,6 +193,8 @@ def main():
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
                                  num_warmup_steps=args.lr_warmup_steps // args.gradient_accumulation_steps * world,
                                  num_training_steps=num_updates * world)
+    if accelerator.state.deepspeed_plugin is not None:  # no DataLoader is prepared: DeepSpeed needs the batch size
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     raw_unet = accelerator.unwrap_model(unet)
 
@@ -310,7 +312,7 @@ def main():
         if unet_rollout is not None and step % args.buffer_update_steps == 0:
             unet_rollout.load_state_dict(raw_unet.state_dict())
         if step % args.checkpointing_steps == 0 or step == args.num_steps:
-            save_checkpoint(step, args, accelerator, raw_unet, ema, buffer, cpu_gen, dev_gen, expert_batches_used, unet_rollout)
+            save_checkpoint(step, args, accelerator, unet, ema, buffer, cpu_gen, dev_gen, expert_batches_used, unet_rollout)
         if validator is not None and (step % args.validation_steps == 0 or step == args.num_steps):
             with ema_weights(ema, raw_unet):
                 validator.run(raw_unet, step)
@@ -350,8 +352,9 @@ def save_checkpoint(step, args, accelerator, unet, ema, buffer, cpu_gen, dev_gen
     if accelerator.is_main_process:
         checkpoint.begin(args.logdir, step)
     accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(unet)  # on every rank: a collective under DeepSpeed ZeRO-3 / FSDP
     if accelerator.is_main_process:
-        unet.save_pretrained(os.path.join(path, "unet"))
+        accelerator.unwrap_model(unet).save_pretrained(os.path.join(path, "unet"), state_dict=weights)
         if ema is not None:
             torch.cuda.synchronize() if torch.cuda.is_available() else None  # offloaded copies are non-blocking
             ema.save_pretrained(os.path.join(path, "ema"))
