@@ -27,7 +27,7 @@ def from_pretrained(cls, source, what, **kwargs):
     try:
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as e:
-        hint = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__).rstrip(".")
         raise UserError(
             f"cannot load the {what} from '{source}'"
             + (f" (subfolder '{subfolder}')" if subfolder else "")
@@ -45,7 +45,7 @@ def check_tokenizer(tokenizer, source):
 
 
 def load_unet(source, subfolder=None, variant=None, dtype=torch.float32, what="UNet"):
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {"dtype": dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
     if variant:
@@ -89,11 +89,11 @@ class TextEncoders:
 def load_text_encoders(source, sdxl=False, variant=None, dtype=torch.float32):
     kw = {"variant": variant} if variant else {}
     tokenizers = [check_tokenizer(from_pretrained(CLIPTokenizer, source, "tokenizer", subfolder="tokenizer"), source)]
-    encoders = [from_pretrained(CLIPTextModel, source, "text encoder", subfolder="text_encoder", torch_dtype=dtype, **kw)]
+    encoders = [from_pretrained(CLIPTextModel, source, "text encoder", subfolder="text_encoder", dtype=dtype, **kw)]
     if sdxl:
         tokenizers.append(check_tokenizer(from_pretrained(CLIPTokenizer, source, "tokenizer 2", subfolder="tokenizer_2"), source))
         encoders.append(from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2",
-                                        subfolder="text_encoder_2", torch_dtype=dtype, **kw))
+                                        subfolder="text_encoder_2", dtype=dtype, **kw))
     for encoder in encoders:
         encoder.requires_grad_(False).eval()
     return TextEncoders(tokenizers, encoders, sdxl)
@@ -104,10 +104,10 @@ def load_vae(source, sdxl=False, variant=None, dtype=torch.float32, vae=None):
     if vae is None and sdxl and not os.path.isdir(source):
         vae = SDXL_VAE
     if vae is not None:
-        model = from_pretrained(AutoencoderKL, vae, "VAE", torch_dtype=dtype)
+        model = from_pretrained(AutoencoderKL, vae, "VAE", dtype=dtype)
     else:
         kw = {"variant": variant} if variant else {}
-        model = from_pretrained(AutoencoderKL, source, "VAE", subfolder="vae", torch_dtype=dtype, **kw)
+        model = from_pretrained(AutoencoderKL, source, "VAE", subfolder="vae", dtype=dtype, **kw)
     return model.requires_grad_(False).eval()
 
 

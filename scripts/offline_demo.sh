@@ -23,7 +23,7 @@ $PY -m tools.pickapic --dataset "$OUT/tiny/pickapic" --weights_dir "$OUT/tiny/sc
 $PY -m tools.hpdv2_benchmark --repo "$OUT/tiny/hpdv2" --weights_dir "$OUT/tiny/scorers" \
   --cache "$OUT/data/cache" --batch_size 8 --styles photo --output "$OUT/data/hpdv2_{style}"
 
-step "3/6 train: the seed's command, 8 micro-steps, checkpoint and validation every 4 (stops at 4, then resumes)"
+step "3/6 train: the seed's command (fp32: bf16 is slow on CPUs), 8 micro-steps, checkpoint and validation every 4 (stops at 4, then resumes)"
 train() {
   $PY train.py \
     --pretrained_model_name_or_path "$OUT/tiny/sd15" \
@@ -37,7 +37,7 @@ train() {
     --buffer_batch_size 4 --buffer_batch_accumulation 1 --buffer_scheduler DPMSolver++ \
     --buffer_num_inference_steps 20 --buffer_guidance_scale 1.0 --buffer_sample_steps 1 \
     --buffer_update_steps 16 --buffer_size 4 --buffer_perturb_timesteps --no-buffer_sync \
-    --checkpointing_steps 4 --use_ema --offload_ema --mixed_precision bf16 \
+    --checkpointing_steps 4 --use_ema --offload_ema --mixed_precision no \
     --dataloader_num_workers 0 --logdir "$OUT/logs/sd15_demo" "$@"
 }
 train --num_steps 4

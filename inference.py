@@ -1,0 +1,142 @@
+"""Generate N images per prompt for benchmarking, deterministically and resumably.
+
+    accelerate launch --multi_gpu --num_processes 4 inference.py --unet ./logs/run/ckpt-25600/ema \
+        --test_dataset_root ./data/pickapicv2_test --output ./output/pickapicv2_test
+
+Writes `<output>/<prompt index>/caption.txt` and `<output>/<prompt index>/<seed>.png`
+with seed = `--seed` + prompt index + image index * number of prompts, so 1 and 4
+processes, or any --batch_size, give the same images; a rerun makes only what is missing.
+"""
+import argparse
+import os
+import time
+
+import diffusers
+import torch
+import transformers
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
+
+from rpo import generate
+from rpo.cli import UserError, flag, parse_args, run_main
+from rpo.data import PromptDataset
+from rpo.models import check_pipeline_folder
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    p.add_argument("--variant", default=None, help="file variant of the pipeline's weights, e.g. fp16")
+    flag(p, "sdxl", False, "the pipeline is Stable Diffusion XL")
+    p.add_argument("--unet", default=None,
+                   help="fine-tuned UNet: a save_pretrained folder such as <logdir>/ckpt-N/ema, or a hub id; "
+                        "default: the pipeline's own")
+    p.add_argument("--unet_subfolder", default=None)
+    p.add_argument("--unet_variant", default=None)
+    p.add_argument("--scheduler", default="DDPM", choices=list(generate.SCHEDULERS),
+                   help="stock diffusers sampler; SDXL is the public code's name for Euler")
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--num_images_per_prompt", type=int, default=5)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image side in pixels; default: the pipeline's (512 for SD1.5, 1024 for SDXL)")
+    p.add_argument("--test_dataset_root", "--test_dataset", dest="test_dataset_root", default="./data/pickapicv2_test",
+                   help="prompt folder dataset: one sub-folder per prompt holding caption.txt")
+    p.add_argument("--output", default="./output")
+    p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call (per process), across prompts")
+    p.add_argument("--num_workers", type=int, default=8, help="threads that encode and write PNGs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed_precision", default="bf16", choices=list(generate.DTYPES),
+                   help="dtype every model is cast to")
+    flag(p, "safety_checker", False, "run the SD1.5 safety checker (off in the paper's evaluation)")
+    return p
+
+
+def check_numbers(args):
+    for name in ("num_inference_steps", "num_images_per_prompt", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.resolution is not None and args.resolution < 1:
+        raise UserError(f"--resolution must be positive, got {args.resolution}")
+
+
+def start_processes():
+    """accelerate's process state; on a machine without CUDA, a multi-process launch runs on the CPU.
+
+    Without `cpu=True`, accelerate treats `torchrun`/`accelerate launch --multi_gpu` on a
+    CPU-only machine as N independent single-process runs that would race on the output.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu)
+    if launched and state.num_processes == 1:
+        raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up only one")
+    return state
+
+
+def settings_of(args, pipe, resolution, num_prompts):
+    """What decides the pixels; a rerun into the same --output must match all of it."""
+    def model(path):
+        return os.path.realpath(path) if path is not None and os.path.exists(path) else path
+    return {
+        "pretrained_model_name_or_path": model(args.pretrained_model_name_or_path), "variant": args.variant,
+        "sdxl": args.sdxl, "unet": model(args.unet), "unet_subfolder": args.unet_subfolder,
+        "unet_variant": args.unet_variant, "scheduler": type(pipe.scheduler).__name__,
+        "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
+        "resolution": resolution, "seed": args.seed, "mixed_precision": args.mixed_precision,
+        "safety_checker": args.safety_checker, "num_prompts": num_prompts,
+    }
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    check_numbers(args)
+    # Cheap checks first: bad paths fail in the first second, before any weight loads.
+    captions = [item.caption for item in PromptDataset(args.test_dataset_root, what="--test_dataset_root").items]
+    generate.check_unet_path(args.unet, args.unet_subfolder)
+    check_pipeline_folder(args.pretrained_model_name_or_path)
+    generate.check_output(args.output)
+    generate.check_captions(args.output, captions)
+
+    state = start_processes()
+    # Loading bars of every rank would bury the one line that matters (an error, the summary).
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    pipe = generate.load_pipeline(
+        args.pretrained_model_name_or_path, sdxl=args.sdxl, variant=args.variant, unet=args.unet,
+        unet_subfolder=args.unet_subfolder, unet_variant=args.unet_variant,
+        dtype=generate.DTYPES[args.mixed_precision], safety_checker=args.safety_checker)
+    pipe.scheduler = generate.make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.to(state.device)
+    resolution = args.resolution or generate.default_resolution(pipe)
+    if resolution % pipe.vae_scale_factor:
+        raise UserError(f"--resolution must be a multiple of {pipe.vae_scale_factor}, got {resolution}")
+
+    # Every rank plans from the same files before the barrier, and nothing is written
+    # until every check passed, so a refused run leaves the output as it was.
+    settings = settings_of(args, pipe, resolution, len(captions))
+    jobs, done = generate.plan(args.output, len(captions), args.num_images_per_prompt, args.seed)
+    warning = generate.check_manifest(args.output, generate.read_manifest(args.output), settings, done)
+    if state.is_main_process:
+        if warning:
+            print(warning)
+        generate.write_manifest(args.output, settings, vars(args))
+        generate.write_captions(args.output, captions)
+    state.wait_for_everyone()
+
+    start = time.perf_counter()
+    with state.split_between_processes(jobs) as mine:  # contiguous shares, no padding
+        generate.run_jobs(pipe, captions, mine, args.batch_size, state.device, num_workers=args.num_workers,
+                          progress=state.is_main_process, num_inference_steps=args.num_inference_steps,
+                          guidance_scale=args.guidance_scale, height=resolution, width=resolution)
+    made = gather_object([len(mine)])  # waits for every rank; shows the split was exact
+    seconds = time.perf_counter() - start
+    if state.is_main_process:
+        print(f"generated {sum(made)} images ({' + '.join(map(str, made))} on {state.num_processes} "
+              f"process{'es' if state.num_processes > 1 else ''}), skipped {done} already complete, {seconds:.1f} s "
+              f"({sum(made) / seconds if made else 0:.2f} images/s) -> {args.output}")
+
+if __name__ == "__main__":
+    run_main(main)

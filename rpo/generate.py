@@ -1,0 +1,315 @@
+"""Deterministic, resumable generation of benchmark images (what inference.py runs).
+
+Layout (REFERENCE §3): `<output>/<prompt index, zero-padded>/caption.txt` and one
+`<seed>.png` per image, plus `<output>/manifest.json` recording how the images were made.
+The seed of image k of prompt p is `seed + p + k * num_prompts` (the paper's protocol),
+and every image gets its own generator, so its starting noise (and DDPM's per-step noise)
+depends only on that seed: not on the batch it lands in, nor on the number of processes.
+The remaining difference between batchings is floating-point kernel choice (oneDNN and
+cuDNN pick other kernels for a batch of 1), worth at most a unit in the last 8-bit place.
+
+The work list holds only images that are missing, so an interrupted run resumes where it
+stopped; PNGs are written under a temporary name and renamed, so an image that exists
+under its final name is complete.
+"""
+import json
+import os
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline)
+from tqdm.auto import tqdm
+
+from rpo.cli import UserError
+from rpo.models import from_pretrained, load_unet, load_vae
+
+# Stock diffusers samplers; "SDXL" is the public code's name for Euler (EulerDiscrete).
+SCHEDULERS = {
+    "DDPM": DDPMScheduler,
+    "DDIM": DDIMScheduler,
+    "DPMSolver++": DPMSolverMultistepScheduler,  # algorithm_type="dpmsolver++" is its default
+    "Euler": EulerDiscreteScheduler,
+    "SDXL": EulerDiscreteScheduler,
+}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MANIFEST = "manifest.json"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+# --------------------------------------------------------------------------- the pipeline
+def make_scheduler(name, config):
+    if name not in SCHEDULERS:
+        raise UserError(f"--scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
+    return SCHEDULERS[name].from_config(config)
+
+
+def check_unet_path(unet, subfolder=None):
+    """Refuse a local `--unet` that is not a UNet folder, before anything loads.
+
+    A string that does not exist locally is taken as a hub id only if it looks like one
+    (`owner/name`); anything else is a mistyped path.
+    """
+    if unet is None:
+        return
+    if not os.path.exists(unet):
+        if unet.startswith((".", "/", "~")) or unet.count("/") != 1:
+            raise UserError(f"--unet: no such folder: {unet}")
+        return
+    where = os.path.join(unet, subfolder) if subfolder else unet
+    if not os.path.isfile(os.path.join(where, "config.json")):
+        hint = ""
+        for inner in ("ema", "unet"):  # train.py writes ckpt-N/ema and ckpt-N/unet
+            if os.path.isfile(os.path.join(where, inner, "config.json")):
+                hint = f" (did you mean {os.path.join(where, inner)}?)"
+                break
+        raise UserError(f"--unet {where} is not a UNet folder (no config.json){hint}")
+
+
+def load_pipeline(source, sdxl=False, variant=None, unet=None, unet_subfolder=None, unet_variant=None,
+                  dtype=torch.float32, safety_checker=False):
+    """The stock diffusers pipeline, with `unet` (a folder or hub id) in place of the base UNet."""
+    if sdxl and safety_checker:
+        raise UserError("--safety_checker: the SDXL pipeline has no safety checker")
+    index = os.path.join(source, "model_index.json")
+    if os.path.isfile(index):  # a local folder says which pipeline it is; catch a missing --sdxl
+        with open(index) as f:
+            is_sdxl = "XL" in json.load(f).get("_class_name", "")
+        if is_sdxl != sdxl:
+            raise UserError(f"--pretrained_model_name_or_path {source} is {'an SDXL' if is_sdxl else 'an SD1.5'} "
+                            f"pipeline: pass {'--sdxl' if is_sdxl else '--no-sdxl'}")
+    kwargs = {"dtype": dtype, "vae": load_vae(source, sdxl=sdxl, variant=variant, dtype=dtype)}
+    if variant:
+        kwargs["variant"] = variant
+    if unet is not None:
+        kwargs["unet"] = load_unet(unet, subfolder=unet_subfolder, variant=unet_variant, dtype=dtype, what="--unet")
+    if sdxl:
+        # The invisible watermark would alter pixels depending on an optional package.
+        pipe = from_pretrained(StableDiffusionXLPipeline, source, "SDXL pipeline", add_watermarker=False, **kwargs)
+    else:
+        if not safety_checker:  # off, as in the paper's evaluation (and not even loaded)
+            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe = from_pretrained(StableDiffusionPipeline, source, "SD1.5 pipeline", **kwargs)
+        if safety_checker and pipe.safety_checker is None:
+            raise UserError(f"--safety_checker: the pipeline {source} has no safety checker")
+    check_unet_fits(pipe, unet or source)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_unet_fits(pipe, unet_source):
+    """A UNet of another model family fails deep inside the first step; say so now instead."""
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    text_dim = sum(e.config.hidden_size for e in encoders)
+    if pipe.unet.config.cross_attention_dim != text_dim:
+        raise UserError(f"--unet {unet_source} does not fit the pipeline: it attends to {pipe.unet.config.cross_attention_dim}-d "
+                        f"text features, the text encoder(s) give {text_dim}-d (SD1.5 vs SDXL?)")
+    if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise UserError(f"--unet {unet_source} takes {pipe.unet.config.in_channels} latent channels, "
+                        f"the VAE gives {pipe.vae.config.latent_channels}")
+
+
+def default_resolution(pipe):
+    """The pipeline's own default: the UNet's sample size times the VAE's downscale factor."""
+    size = pipe.unet.config.sample_size
+    return (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
+
+
+# --------------------------------------------------------------------------- the work list
+@dataclass(frozen=True)
+class Job:
+    prompt_index: int
+    image_index: int
+    seed: int
+    path: str   # <output>/<prompt folder>/<seed>.png
+
+
+def image_seed(seed, prompt_index, image_index, num_prompts):
+    """The paper's protocol: image k of prompt p gets `seed + p + k * num_prompts`."""
+    return seed + prompt_index + image_index * num_prompts
+
+
+def prompt_folder(output, prompt_index, num_prompts):
+    return os.path.join(output, f"{prompt_index:0{len(str(num_prompts - 1))}d}")
+
+
+def png_complete(path):
+    """True if `path` starts with the PNG signature and ends with the IEND chunk.
+
+    Reads 20 bytes, not the image: cheap enough for 16,000 files on every rerun, and it
+    catches a file truncated by a crash of the machine (the rename itself is atomic).
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return False
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 8 + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
+def plan(output, num_prompts, num_images_per_prompt, seed):
+    """(jobs still to do, number of images already complete), in (prompt, image) order."""
+    jobs, done = [], 0
+    for p in range(num_prompts):
+        folder = prompt_folder(output, p, num_prompts)
+        for k in range(num_images_per_prompt):
+            s = image_seed(seed, p, k, num_prompts)
+            path = os.path.join(folder, f"{s}.png")
+            if png_complete(path):
+                done += 1
+            else:
+                jobs.append(Job(p, k, s, path))
+    return jobs, done
+
+
+def batches(jobs, batch_size):
+    """Consecutive batches of `batch_size` jobs; a batch may span several prompts."""
+    return [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
+
+
+# --------------------------------------------------------------------------- files
+def write_atomic(path, write):
+    """`write(tmp_path)`, then rename over `path`: a reader sees the old file or the whole new one."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_png(image, path):
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
+def check_output(output):
+    """Refuse an `output` that could not be written, without creating anything yet
+    (a run refused later must not leave folders behind)."""
+    existing = os.path.abspath(output)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output {output}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output {output}: {existing} is not writable")
+
+
+def check_captions(output, captions):
+    """Refuse an output whose prompt folders hold other captions (another prompt set or order)."""
+    for p, caption in enumerate(captions):
+        path = os.path.join(prompt_folder(output, p, len(captions)), "caption.txt")
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                existing = f.read().strip()
+            if existing != caption:
+                raise UserError(f"{os.path.dirname(path)} holds the caption {existing[:60]!r}, but prompt {p} of the "
+                                f"dataset is {caption[:60]!r}: use another --output")
+
+
+def write_captions(output, captions):
+    for p, caption in enumerate(captions):
+        folder = prompt_folder(output, p, len(captions))
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "caption.txt")
+        if not os.path.isfile(path):
+            write_text(path, caption + "\n")
+        for name in os.listdir(folder):  # temporaries left by a killed run
+            if name.startswith(".") and name.endswith(".tmp"):
+                os.remove(os.path.join(folder, name))
+
+
+def library_versions():
+    import accelerate
+    import diffusers
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+
+
+def read_manifest(output):
+    path = os.path.join(output, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable manifest ({e}); move it away only if you know how the images were made") from None
+
+
+def check_manifest(output, manifest, settings, done):
+    """Refuse to add images made with other settings to an existing output.
+
+    `settings` holds everything that changes the pixels (num_images_per_prompt does not:
+    more images per prompt only adds seeds). Returns a warning line when only the library
+    versions differ, which can shift pixels slightly but does not change the protocol.
+    """
+    if manifest is None:
+        if done:
+            raise UserError(f"--output {output} already holds images but no {MANIFEST}: cannot tell how they were made; "
+                            "use another --output")
+        return None
+    old = manifest.get("settings", {})
+    for key in sorted(set(old) | set(settings)):
+        if old.get(key) != settings.get(key):
+            raise UserError(f"--output {output} was made with {key}={old.get(key)!r}, this run has "
+                            f"{key}={settings.get(key)!r}: use another --output or the same setting")
+    versions = library_versions()
+    if manifest.get("versions", {}) != versions:
+        return f"warning: {output} was made with {manifest.get('versions')}, this run uses {versions}"
+    return None
+
+
+def write_manifest(output, settings, arguments):
+    manifest = {"settings": settings, "arguments": arguments, "versions": library_versions()}
+    os.makedirs(output, exist_ok=True)
+    write_text(os.path.join(output, MANIFEST), json.dumps(manifest, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_batch(pipe, captions, jobs, device, **call):
+    """PIL images for `jobs`, one generator per image seeded with its own seed."""
+    generators = [torch.Generator(device).manual_seed(job.seed) for job in jobs]
+    return pipe(prompt=[captions[job.prompt_index] for job in jobs], generator=generators,
+                num_images_per_prompt=1, output_type="pil", **call).images
+
+
+def run_jobs(pipe, captions, jobs, batch_size, device, num_workers=1, progress=False, **call):
+    """Generate and save every job, `batch_size` images per pipeline call.
+
+    PNGs are encoded and written by `num_workers` threads (Pillow releases the GIL while
+    compressing) while the next batch is generated; at most two batches wait to be written.
+    Returns the seconds taken.
+    """
+    start = time.perf_counter()
+    bar = tqdm(total=len(jobs), unit="img", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max(1, num_workers)) as writer:
+        pending = []
+        for batch in batches(jobs, batch_size):
+            images = generate_batch(pipe, captions, batch, device, **call)
+            while len(pending) > 2 * batch_size:
+                pending.pop(0).result()
+            pending += [writer.submit(save_png, image, job.path) for image, job in zip(images, batch)]
+            bar.update(len(batch))
+        for future in pending:
+            future.result()
+    bar.close()
+    return time.perf_counter() - start
