@@ -10,13 +10,13 @@ import os
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
 from rpo.cli import UserError
+from rpo.generate import make_scheduler, plan, run_jobs, write_captions
 
 SCORE_CHOICES = ("pickscore", "hpsv2", "aestheticv1", "aestheticv2", "clip", "imagereward")
-VALIDATION_SCHEDULERS = {"DDPM": DDPMScheduler, "DDIM": DDIMScheduler, "DPMSolver++": DPMSolverMultistepScheduler}
 
 
 def load_validation_scorer(name, weights_dir):
@@ -30,12 +30,10 @@ def load_validation_scorer(name, weights_dir):
 
 class Validator:
     def __init__(self, args, accelerator, prompts, text, vae, noise_scheduler, scorer=None):
-        self.args, self.accelerator, self.prompts = args, accelerator, prompts
-        self.text, self.vae, self.scorer = text, vae, scorer
-        self.scheduler = VALIDATION_SCHEDULERS[args.validation_scheduler].from_config(noise_scheduler.config)
-        n, k = len(prompts), args.score_num_images_per_prompt
-        # (prompt index, image index, seed) of every image; each rank takes every world-th one.
-        self.work = [(p, i, args.seed + p + i * n) for p in range(n) for i in range(k)]
+        self.args, self.accelerator, self.scorer = args, accelerator, scorer
+        self.text, self.vae = text, vae
+        self.captions = [item.caption for item in prompts.items]
+        self.scheduler = make_scheduler(args.validation_scheduler, noise_scheduler.config)
 
     def pipeline(self, unet):
         common = dict(vae=self.vae, unet=unet, scheduler=self.scheduler)
@@ -47,37 +45,33 @@ class Validator:
 
     @torch.no_grad()
     def run(self, unet, step):
+        """Generate (each rank every world-th image), score, log the mean and a grid."""
         args, acc = self.args, self.accelerator
+        out = os.path.join(args.logdir, "images", f"step-{step}")
+        if acc.is_main_process:
+            write_captions(out, self.captions)
+        acc.wait_for_everyone()
+        jobs, _ = plan(out, len(self.captions), args.score_num_images_per_prompt, args.seed)
+        mine = jobs[acc.process_index::acc.num_processes]
         pipe = self.pipeline(unet)
         pipe.set_progress_bar_config(disable=True)
-        out = os.path.join(args.logdir, "images", f"step-{step}")
-        digits = len(str(len(self.prompts) - 1))
-        mine = self.work[acc.process_index::acc.num_processes]
-        scores = []
-        for start in range(0, len(mine), args.score_batch_size):
-            chunk = mine[start:start + args.score_batch_size]
-            captions = [self.prompts[p]["caption"] for p, _, _ in chunk]
-            generators = [torch.Generator(acc.device).manual_seed(seed) for _, _, seed in chunk]
-            with acc.autocast():
-                images = pipe(captions, num_inference_steps=args.validation_num_inference_steps,
-                              guidance_scale=args.validation_guidance_scale, generator=generators,
-                              height=args.resolution, width=args.resolution).images
-            for (p, _, seed), caption, image in zip(chunk, captions, images):
-                folder = os.path.join(out, f"{p:0{digits}d}")
-                os.makedirs(folder, exist_ok=True)
-                with open(os.path.join(folder, "caption.txt"), "w") as f:
-                    f.write(caption + "\n")
-                image.save(os.path.join(folder, f"{seed}.png"))
-            if self.scorer is not None:
-                scores.append(self.scorer.score(images, captions).float().cpu())
-        acc.wait_for_everyone()
+        with acc.autocast():
+            run_jobs(pipe, self.captions, mine, args.score_batch_size, acc.device,
+                     num_inference_steps=args.validation_num_inference_steps, guidance_scale=args.validation_guidance_scale,
+                     height=args.resolution, width=args.resolution)
         logs = {}
         if self.scorer is not None:
-            local = torch.cat(scores) if scores else torch.zeros(0)
-            total = acc.reduce(torch.tensor([local.sum().item(), float(len(local))], device=acc.device), "sum")
+            total = torch.zeros(2, device=acc.device)  # (sum, count) over this rank's images
+            for start in range(0, len(mine), args.score_batch_size):
+                chunk = mine[start:start + args.score_batch_size]
+                scores = self.scorer.score([Image.open(job.path).convert("RGB") for job in chunk],
+                                           [self.captions[job.prompt_index] for job in chunk])
+                total += torch.stack([scores.float().sum(), torch.tensor(float(len(chunk)))]).to(acc.device)
+            total = acc.reduce(total, "sum")
             logs[f"metrics/{args.score}"] = (total[0] / total[1]).item()
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            grid = self.grid(out, digits)
+            grid = make_grid([job.path for job in sorted(jobs, key=lambda j: (j.image_index, j.prompt_index))][:16])
             grid.save(os.path.join(args.logdir, "images", f"step-{step}.png"))
             for tracker in acc.trackers:
                 if tracker.name == "tensorboard":
@@ -87,14 +81,14 @@ class Validator:
         if logs:
             acc.log(logs, step=step)
 
-    def grid(self, out, digits, max_images=16):
-        """Up to 16 validation images (first image of each prompt first), in a near-square grid."""
-        paths = [os.path.join(out, f"{p:0{digits}d}", f"{seed}.png") for p, _, seed in sorted(self.work, key=lambda w: (w[1], w[0]))]
-        images = [Image.open(path).convert("RGB") for path in paths[:max_images]]
-        cols = int(np.ceil(np.sqrt(len(images))))
-        rows = int(np.ceil(len(images) / cols))
-        w, h = images[0].size
-        grid = Image.new("RGB", (cols * w, rows * h))
-        for i, image in enumerate(images):
-            grid.paste(image, ((i % cols) * w, (i // cols) * h))
-        return grid
+
+def make_grid(paths):
+    """The images at `paths` in a near-square grid (first image of each prompt first)."""
+    images = [Image.open(path).convert("RGB") for path in paths]
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = int(np.ceil(len(images) / cols))
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid

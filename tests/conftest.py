@@ -3,6 +3,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One thread per process (inherited by the scripts the tests launch): tiny models gain
+# nothing from two, and two ranks x two OpenMP threads on a 2-core machine spin-wait each
+# other into 100x slowdowns.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
