@@ -25,3 +25,16 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m "slow" -q
+
+# The official scorer packages (ENVIRONMENT.md set B) in their own environment, and the
+# parity tests comparing rpo's scorers with them on the tiny weights (tests/test_scores_parity.py).
+PARITY_VENV ?= .venv-parity
+
+$(PARITY_VENV)/.installed: requirements-parity.txt
+	$(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_VENV)/bin/pip install --upgrade --quiet pip
+	$(PARITY_VENV)/bin/pip install --quiet -r requirements-parity.txt
+	touch $@
+
+test-parity: setup $(PARITY_VENV)/.installed
+	RPO_PARITY_PYTHON=$(abspath $(PARITY_VENV))/bin/python RPO_REQUIRE_PARITY=1 $(PY) -m pytest -m parity -q

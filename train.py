@@ -144,6 +144,9 @@ def main():
         raise UserError(f"--resume: no complete checkpoint with a resumable state in {args.logdir}")
 
     accelerator = Accelerator(
+        # several ranks on a machine without GPUs (`accelerate launch --multi_gpu` on a CPU box):
+        # unless told `cpu`, accelerate would treat every rank as a lone process 0
+        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to or None, project_config=ProjectConfiguration(project_dir=args.logdir, logging_dir=args.logdir),
     )

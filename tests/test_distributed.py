@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def launch(num_processes, *cmd):
     # accelerate 1.15's `launch --cpu` always starts ONE process, whatever --num_processes says;
-    # `--multi_gpu` with ACCELERATE_USE_CPU=1 starts real CPU ranks (torchrun + gloo).
+    # `--multi_gpu` starts real CPU ranks (torchrun + gloo); train.py then asks for `cpu` itself.
     if num_processes == 1:
         return [sys.executable, *cmd]
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
@@ -23,7 +23,7 @@ def launch(num_processes, *cmd):
 
 
 def run(cmd, ok=True, timeout=600):
-    env = {**os.environ, "PYTHONPATH": REPO, "ACCELERATE_USE_CPU": "1"}  # tests/dist_equivalence.py imports rpo
+    env = {**os.environ, "PYTHONPATH": REPO, "ACCELERATE_USE_CPU": "1"}  # dist_equivalence.py: plain Accelerator(), imports rpo
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout, env=env)
     if ok and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-4000:]}")

@@ -1,0 +1,72 @@
+"""Writing a folder dataset (DESIGN §5) so that a kill never leaves a half-written item.
+
+Each item is built in a hidden `.tmp-<name>` folder beside its final place and renamed
+into place when complete (`rpo.data.scan` ignores hidden folders, so a leftover one is
+harmless and the next run removes it). A rerun skips items already in place, so it
+completes a partial output; an output folder that holds something else (another
+selection, unrelated folders) is refused before anything is written.
+"""
+import json
+import os
+import shutil
+
+from rpo.cli import UserError
+from rpo.data import list_images
+
+
+def item_name(index, count):
+    """Zero-padded folder name, as wide as the largest index (the public layout)."""
+    return f"{index:0{len(str(max(count - 1, 0)))}d}"
+
+
+def _matches(folder, caption, image_name):
+    path = os.path.join(folder, "caption.txt")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as f:
+        if f.read().strip() != caption.strip():
+            return False
+    return [os.path.basename(p) for p in list_images(folder)] == [image_name]
+
+
+def write_item(root, name, caption, image_name, image_source, info=None):
+    """Write `<root>/<name>/` (caption.txt, the image copied from `image_source`, info.json)."""
+    temp = os.path.join(root, f".tmp-{name}")
+    shutil.rmtree(temp, ignore_errors=True)
+    os.makedirs(temp)
+    with open(os.path.join(temp, "caption.txt"), "w", encoding="utf-8") as f:
+        f.write(caption.strip() + "\n")
+    shutil.copyfile(image_source, os.path.join(temp, image_name))
+    if info is not None:
+        with open(os.path.join(temp, "info.json"), "w", encoding="utf-8") as f:
+            json.dump(info, f, ensure_ascii=False, indent=1)
+    os.rename(temp, os.path.join(root, name))
+
+
+def write_items(root, items, option="--output"):
+    """Write `items` = [(name, caption, image_name, image_source, info)] under `root`.
+
+    `image_source` may be a callable returning the path, so sources are fetched only for
+    items not yet written. Returns (written, already present).
+    """
+    os.makedirs(root, exist_ok=True)
+    for entry in os.listdir(root):
+        if entry.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+    present = {e for e in os.listdir(root) if not e.startswith(".")}
+    expected = {item[0] for item in items}
+    extra = sorted(present - expected)
+    if extra:
+        raise UserError(f"{option} {root} already holds {len(extra)} entries that are not part of this selection "
+                        f"(e.g. {extra[0]}); choose another {option} or remove that folder")
+    for name, caption, image_name, _, _ in items:
+        if name in present and not _matches(os.path.join(root, name), caption, image_name):
+            raise UserError(f"{option} {root}: item {name} holds a different caption or image than this selection "
+                            f"(an earlier run with other options?); choose another {option} or remove that folder")
+    written = 0
+    for name, caption, image_name, source, info in items:
+        if name in present:
+            continue
+        write_item(root, name, caption, image_name, source() if callable(source) else source, info)
+        written += 1
+    return written, len(items) - written

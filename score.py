@@ -1,0 +1,208 @@
+"""Score image folders with the preference metrics (DESIGN §5, §6).
+
+    accelerate launch [--multi_gpu --num_processes 4] score.py --batch_size 32 \\
+        --pickscore --hpsv2 --aestheticv2 --clip --imagereward \\
+        --dir ./output/pickapicv2_pickscore_test --dir ./output/hpdv2_anime [--compare ./output/sd15]
+
+Each `--dir` is inference.py's output (`<dir>/<prompt index>/caption.txt` + images); every
+image of every prompt is scored. Prints one table — per dir the number of images, the
+unreadable ones (reported by path, excluded), and per metric mean ± std over images — and
+writes it to `OUTPUT/scores.csv` (one row per dir and metric, full precision, with the
+metric's version) and `OUTPUT/scores.json` (the same plus every image's scores), OUTPUT
+being `--output` (default: the current folder). `--compare BASE_DIR` adds the paper's win
+rate of every other dir over BASE_DIR (median-PickScore image per prompt; PickScore is then
+scored even if not asked for), printed and in `scores.json` / `OUTPUT/winrate.csv`.
+
+Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py):
+a rerun scores only new or changed images. Each scorer is loaded once for all dirs; with
+several processes each scores its share and the results are gathered in a fixed order, so
+the tables do not depend on the number of processes.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm import tqdm
+
+from rpo.cli import UserError, flag, parse_args, run_main
+from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
+from rpo.scores.folders import read_cache, scan_image_dir, write_atomic, write_cache
+from rpo.scores.loop import score_entries, shard
+from rpo.scores.report import scores_csv, scores_table, summarize, win_rate, win_rate_csv, win_rate_table
+
+HELP = {
+    "pickscore": "PickScore (logit_scale.exp() * cos, PickScore_v1)",
+    "hpsv2": "HPSv2 (100 * cos; checkpoint by --hps_version)",
+    "aestheticv1": "LAION aesthetic v1, linear head (the paper's tables)",
+    "aestheticv2": "LAION aesthetic v2, improved MLP head",
+    "clip": "CLIP score (raw cosine, open_clip ViT-H-14 laion2B-s32B-b79K)",
+    "imagereward": "ImageReward v1.0",
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for metric in METRICS:
+        flag(parser, metric, False, HELP[metric])
+    parser.add_argument("--dir", action="append", default=[], help="image folder to score (repeatable)")
+    parser.add_argument("--batch_size", type=int, default=32, help="images per model forward")
+    parser.add_argument("--num_workers", type=int, default=8, help="DataLoader workers decoding images")
+    parser.add_argument("--hps_version", default="v2.0", help=f"HPSv2 checkpoint: {' or '.join(HPS_VERSIONS)}")
+    parser.add_argument("--weights_dir", default=None,
+                        help="local scorer weights, one sub-folder per metric (layout: rpo/scores/__init__.py)")
+    parser.add_argument("--compare", default=None, metavar="BASE_DIR", help="add win rates of every dir over BASE_DIR")
+    parser.add_argument("--output", default=".", help="folder for scores.csv / scores.json (default: current folder)")
+    return parser
+
+
+def check_args(args):
+    metrics = [m for m in METRICS if getattr(args, m) or (m == "pickscore" and args.compare)]
+    if not metrics:
+        raise UserError("no metric chosen: pass one or more of " + " ".join(f"--{m}" for m in METRICS))
+    if args.hps_version not in HPS_VERSIONS:
+        raise UserError(f"--hps_version must be one of {', '.join(HPS_VERSIONS)}, got '{args.hps_version}'")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if not args.dir:
+        raise UserError("no --dir given: pass the image folders to score")
+    if args.weights_dir is not None and not os.path.isdir(args.weights_dir):
+        raise UserError(f"--weights_dir: no such folder: {args.weights_dir}")
+    dirs = []
+    for d in args.dir + ([args.compare] if args.compare else []):
+        if os.path.realpath(d) not in [os.path.realpath(x) for x in dirs]:
+            dirs.append(d)
+    return metrics, dirs
+
+
+def check_comparable(folders, base):
+    """Every dir shares prompts with the base, under the same captions (before any model loads)."""
+    base_captions = {p.name: p.caption for p in base.prompts}
+    for folder in folders:
+        if folder is base:
+            continue
+        shared = [p for p in folder.prompts if p.name in base_captions]
+        if not shared:
+            raise UserError(f"--compare: {folder.root} and {base.root} have no prompt folder in common")
+        for prompt in shared:
+            if prompt.caption != base_captions[prompt.name]:
+                raise UserError(f"--compare: prompt {prompt.name} differs between {folder.root} and {base.root}")
+
+
+def json_safe(value):
+    """NaN (a dir whose every image failed) as null: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def score_folders(folders, scorers, accelerator, batch_size, num_workers):
+    """On the main process: the images (path, caption, folder index), each one's
+    {metric: score} (None if unreadable) and {image index: error}; None elsewhere. Cached scores are reused; each folder's cache is
+    rewritten with what was scored, minus entries of images no longer there."""
+    metrics = list(scorers)
+    cache_names = {m: f"{m}@{scorers[m].version}" for m in metrics}
+    caches = [read_cache(folder.root) for folder in folders]
+    cached = [{m: set(cache.get(cache_names[m], {})) for m in metrics} for cache in caches]
+    entries = [(path, prompt.caption, d) for d, folder in enumerate(folders) for prompt, path in folder.images()]
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    with tqdm(total=len(shard(len(entries), batch_size, rank, world)), desc="scoring", unit="img",
+              disable=not accelerator.is_main_process, file=sys.stderr) as progress:
+        results = score_entries(entries, scorers, cached, batch_size, num_workers, rank, world, progress)
+    if world > 1:
+        print(f"process {rank}/{world}: scored {len(results)} of {len(entries)} images", file=sys.stderr)
+        results = gather_object(results)
+    if not accelerator.is_main_process:
+        return None
+
+    scores, errors = [None] * len(entries), {}
+    current = [set() for _ in folders]   # keys of the images now in each folder
+    changed = [False for _ in folders]
+    for index, key, fresh, error in sorted(results, key=lambda r: r[0]):
+        d = entries[index][2]
+        if error is not None:
+            errors[index] = error
+            continue
+        current[d].add(key)
+        for m, value in fresh.items():
+            caches[d].setdefault(cache_names[m], {})[key] = value
+            changed[d] = True
+        scores[index] = {m: caches[d][cache_names[m]][key] for m in metrics}
+    for d, folder in enumerate(folders):
+        for name in cache_names.values():   # forget images that were replaced or removed
+            kept = {k: v for k, v in caches[d].get(name, {}).items() if k in current[d]}
+            changed[d] |= len(kept) != len(caches[d].get(name, {}))
+            caches[d][name] = kept
+        if changed[d]:
+            write_cache(folder.root, caches[d])
+    return entries, scores, errors
+
+
+def main(argv=None):
+    args = parse_args(build_parser(), argv)
+    metrics, dirs = check_args(args)
+    is_base = [args.compare is not None and os.path.realpath(d) == os.path.realpath(args.compare) for d in dirs]
+    folders = [scan_image_dir(d, "--compare" if base else "--dir") for d, base in zip(dirs, is_base)]
+    base = folders[is_base.index(True)] if args.compare else None
+    if base is not None:
+        check_comparable(folders, base)
+
+    # Launched as several processes on a machine without CUDA (`accelerate launch
+    # --multi_gpu --num_processes 2` on a CPU box), accelerate only shards when told `cpu`:
+    # otherwise every process would think it is alone and score everything.
+    accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    scorers = {m: load_scorer(m, args.weights_dir, accelerator.device, args.hps_version) for m in metrics}
+    scored = score_folders(folders, scorers, accelerator, args.batch_size, args.num_workers)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        write_report(args, dirs, folders, base, {m: s.version for m, s in scorers.items()}, *scored)
+
+
+def write_report(args, dirs, folders, base, versions, entries, scores, errors):
+    """Print the tables and write scores.csv, scores.json (and winrate.csv) under --output."""
+    metrics = list(versions)
+    for index, error in sorted(errors.items()):
+        print(f"warning: unreadable image, excluded: {entries[index][0]} ({error})", file=sys.stderr)
+    summaries, per_dir, report = [], [], {"metrics": versions, "hps_version": args.hps_version, "dirs": []}
+    for d in range(len(folders)):
+        indices = [i for i, entry in enumerate(entries) if entry[2] == d]
+        valid = [i for i in indices if scores[i] is not None]
+        summaries.append({"dir": dirs[d], "images": len(indices), "failed": len(indices) - len(valid),
+                          "metrics": {m: summarize([scores[i][m] for i in valid]) for m in metrics}})
+        per_dir.append({m: {entries[i][0]: scores[i][m] for i in valid} for m in metrics})
+        report["dirs"].append({**summaries[-1], "unreadable": [entries[i][0] for i in indices if i in errors],
+                               "scores": {os.path.relpath(entries[i][0], dirs[d]): scores[i] for i in valid}})
+    print(scores_table(summaries, metrics))
+    os.makedirs(args.output, exist_ok=True)
+    write_atomic(os.path.join(args.output, "scores.csv"), scores_csv(summaries, metrics, versions))
+
+    if base is not None:
+        b = folders.index(base)
+        base_prompts = {p.name: p.images for p in base.prompts}
+        comparisons = []
+        for d, folder in enumerate(folders):
+            if d != b:
+                rates, compared = win_rate({p.name: p.images for p in folder.prompts}, base_prompts, per_dir[d],
+                                           per_dir[b], metrics)
+                comparisons.append({"dir": dirs[d], "prompts": compared, "win_rate": rates})
+        report["win_rate"] = {"base": dirs[b], "rows": comparisons}
+        print()
+        print(win_rate_table(comparisons, dirs[b], metrics))
+        write_atomic(os.path.join(args.output, "winrate.csv"), win_rate_csv(comparisons, metrics))
+    write_atomic(os.path.join(args.output, "scores.json"), json.dumps(json_safe(report), indent=1))
+    print(f"\nwrote {os.path.join(args.output, 'scores.csv')} and scores.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_main(main)

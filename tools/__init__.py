@@ -1,0 +1,1 @@
+"""Data-preparation tools, run as modules: `python -m tools.pickapic`, `python -m tools.hpdv2_benchmark`."""
