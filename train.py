@@ -17,7 +17,7 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
@@ -184,7 +184,7 @@ def main():
 
     ema = None
     if args.use_ema:
-        ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config, foreach=True)
+        ema = EMAModel(unet.parameters(), foreach=True)
         if args.offload_ema:
             ema.to("cpu")
 
@@ -357,10 +357,13 @@ def save_checkpoint(step, args, accelerator, unet, ema, buffer, cpu_gen, dev_gen
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(unet)  # on every rank: a collective under DeepSpeed ZeRO-3 / FSDP
     if accelerator.is_main_process:
-        accelerator.unwrap_model(unet).save_pretrained(os.path.join(path, "unet"), state_dict=weights)
+        raw = accelerator.unwrap_model(unet)
+        raw.save_pretrained(os.path.join(path, "unet"), state_dict=weights)
         if ema is not None:
             torch.cuda.synchronize() if torch.cuda.is_available() else None  # offloaded copies are non-blocking
-            ema.save_pretrained(os.path.join(path, "ema"))
+            # the EMA's shadow parameters under the UNet's names: a plain UNet folder, no model copy
+            ema_weights = {name: shadow for (name, _), shadow in zip(raw.named_parameters(), ema.shadow_params)}
+            raw.save_pretrained(os.path.join(path, "ema"), state_dict={**weights, **ema_weights})
     state = os.path.join(path, "state")
     accelerator.save_state(state)
     torch.save({"buffer": buffer.state_dict(), "cpu_gen": cpu_gen.get_state(), "dev_gen": dev_gen.get_state()},

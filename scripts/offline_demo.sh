@@ -52,9 +52,9 @@ for set in pickapicv2_pickscore_test hpdv2_photo; do
 done
 
 step "5/6 score: all six metrics on both image folders"
-(cd "$OUT" && $PY "$OLDPWD/score.py" --batch_size 8 --num_workers 0 --weights_dir tiny/scorers \
+$PY score.py --batch_size 8 --num_workers 0 --weights_dir "$OUT/tiny/scorers" --output "$OUT" \
   --pickscore --hpsv2 --aestheticv1 --aestheticv2 --clip --imagereward \
-  --dir output/pickapicv2_pickscore_test --dir output/hpdv2_photo)
+  --dir "$OUT/output/pickapicv2_pickscore_test" --dir "$OUT/output/hpdv2_photo"
 
 step "6/6 where things are"
 echo "tiny models and data:  $OUT/tiny"
