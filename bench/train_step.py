@@ -6,7 +6,8 @@ model calls (monkeypatched, so nothing in the loop changes).
 Runs train.py on the tiny SD1.5 kit on the CPU (fp32) and splits the steady-state wall
 time of `--steps` micro-steps into: rollout UNet forwards, reference forward, trainable
 forward, backward, VAE encode, text encode, AdamW step, EMA step, and everything else
-(per-sample scheduler math, replay buffer, data loading, logging, Python).
+(per-sample scheduler math, replay buffer, data loading, then the rest: noise draws,
+logging, Python).
 """
 import argparse
 import collections
@@ -24,7 +25,8 @@ from accelerate import Accelerator  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from rpo import models, tiny  # noqa: E402
+from rpo import models, schedulers, tiny  # noqa: E402
+from rpo.buffer import ReplayBuffer  # noqa: E402
 
 spent = collections.defaultdict(float)
 state = {"in_rollout": False, "backwards": 0, "marks": {}}
@@ -72,6 +74,12 @@ def patch(warmup, steps):
     Accelerator.backward = timed("backward", backward)
     torch.optim.AdamW.step = timed("AdamW step", torch.optim.AdamW.step)
     EMAModel.step = timed("EMA step", EMAModel.step)
+    for cls in (schedulers.PerSampleDDPM, schedulers.PerSampleDDIM, schedulers.PerSampleDPMSolver):
+        cls.step = timed("scheduler math", cls.step)
+    ReplayBuffer.push = timed("replay buffer", ReplayBuffer.push)
+    ReplayBuffer.sample = timed("replay buffer", ReplayBuffer.sample)
+    loader_next = torch.utils.data.dataloader._BaseDataLoaderIter.__next__
+    torch.utils.data.dataloader._BaseDataLoaderIter.__next__ = timed("data loading", loader_next)
 
 
 def main():
@@ -99,12 +107,12 @@ def main():
     phases = {k: s1.get(k, 0.0) - s0.get(k, 0.0) for k in s1}
     # the backward wrapper's time includes nothing but autograd; forward phases exclude it
     model = ("rollout UNet", "reference forward", "trainable forward", "backward", "VAE encode", "text encode")
-    rows = [(k, phases.get(k, 0.0)) for k in model + ("AdamW step", "EMA step")]
+    rows = [(k, phases.get(k, 0.0)) for k in model + ("AdamW step", "EMA step", "scheduler math", "replay buffer", "data loading")]
     other = wall - sum(v for _, v in rows)
     print(f"{args.steps} micro-steps after {args.warmup} warm-up, tiny SD1.5 kit, {args.resolution} px, "
           f"{torch.get_num_threads()} threads: {wall / args.steps * 1000:.1f} ms per micro-step\n")
     print("| phase | ms / micro-step | share |\n|---|---:|---:|")
-    for name, seconds in rows + [("everything else (scheduler math, buffer, data, logging, Python)", other)]:
+    for name, seconds in rows + [("everything else (noise draws, logging, Python)", other)]:
         print(f"| {name} | {seconds / args.steps * 1000:.1f} | {100 * seconds / wall:.1f} % |")
     print(f"\nmodel compute {100 * sum(phases.get(k, 0.0) for k in model) / wall:.1f} %, "
           f"not model compute {100 * (wall - sum(phases.get(k, 0.0) for k in model)) / wall:.1f} %")

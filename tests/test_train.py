@@ -139,6 +139,7 @@ def test_sigkill_then_resume_finishes_with_same_weights(kit, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (tmp_path / "killed" / "ckpt-4").exists() and not (tmp_path / "killed" / "ckpt-8").exists()  # killed mid-run
     run(train_cmd(kit, tmp_path / "killed", "--num_steps", "8", "--resume", *common))
     assert_same_weights(tmp_path / "straight" / "ckpt-8" / "ema", tmp_path / "killed" / "ckpt-8" / "ema")
     assert not [n for n in os.listdir(tmp_path / "killed") if n.startswith(".tmp")]
