@@ -32,7 +32,8 @@ from rpo.latents import encode_moments, sample_latents
 from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
 from rpo.rollout import rollout
 from rpo.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
-from rpo.validation import SCORE_CHOICES, Validator, load_validation_scorer
+from rpo.scores import load_scorer
+from rpo.validation import SCORE_CHOICES, Validator
 
 STATS = ("loss", "diff", "expert", "policy", "expert0", "policy0", "expert_diff", "policy_diff")
 # Options that must not change across a resume: they shape the state being restored.
@@ -137,7 +138,6 @@ def main():
     # Everything a user can get wrong is checked before any model loads.
     experts = ExpertDataset(args.train_dataset, args.resolution, args.random_flip, args.random_crop)
     prompts = PromptDataset(args.validation_dataset, what="validation dataset") if args.validation_steps else None
-    scorer = load_validation_scorer(args.score, args.weights_dir) if args.score else None
     check_pipeline_folder(args.pretrained_model_name_or_path)
     resume_from = checkpoint.latest_resumable(args.logdir) if args.resume else None
     if args.resume and resume_from is None:
@@ -153,8 +153,8 @@ def main():
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.buffer_sync and world > 1 and args.batch_size > args.buffer_size * world:
-        raise UserError("--buffer_sync: --batch_size exceeds the synced buffer")
+    # the scorer loads now, before the diffusion models: a missing metric fails at start-up, not after hours
+    scorer = load_scorer(args.score, weights_dir=args.weights_dir, device=device) if args.score else None
 
     # ---------------------------------------------------------------- models
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]

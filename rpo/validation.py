@@ -13,19 +13,10 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 
-from rpo.cli import UserError
 from rpo.generate import make_scheduler, plan, run_jobs, write_captions
+from rpo.scores import METRICS
 
-SCORE_CHOICES = ("pickscore", "hpsv2", "aestheticv1", "aestheticv2", "clip", "imagereward")
-
-
-def load_validation_scorer(name, weights_dir):
-    """Load the scorer at start-up, so a missing metric fails now and not after hours of training."""
-    try:
-        from rpo.scores import load_scorer
-    except ImportError:
-        raise UserError(f"--score {name}: the scorer registry (rpo.scores) is not available in this install") from None
-    return load_scorer(name, weights_dir=weights_dir)
+SCORE_CHOICES = METRICS
 
 
 class Validator:

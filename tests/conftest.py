@@ -22,3 +22,6 @@ def kit(tmp_path_factory):
         paths[kind] = str(root / kind)
         tiny.KITS[kind](paths[kind], seed=0)
     return paths
+
+
+from scores_fixtures import scorer_weights  # noqa: E402,F401  (tiny scorer weights, once per session)

@@ -1,6 +1,7 @@
 """train.py end to end on the tiny kit (CPU, fp32): exact resume, atomic checkpoints,
 the public code's defects not repeated, bad input refused before models load."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,3 +144,23 @@ def test_sigkill_then_resume_finishes_with_same_weights(kit, tmp_path):
     run(train_cmd(kit, tmp_path / "killed", "--num_steps", "8", "--resume", *common))
     assert_same_weights(tmp_path / "straight" / "ckpt-8" / "ema", tmp_path / "killed" / "ckpt-8" / "ema")
     assert not [n for n in os.listdir(tmp_path / "killed") if n.startswith(".tmp")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["pickscore", "hpsv2", "aestheticv1", "aestheticv2", "clip", "imagereward"])
+def test_every_score_choice_validates(kit, tmp_path, scorer_weights, metric):
+    # the public code accepted aestheticv1/v2 and crashed at the first checkpoint (REFERENCE §6.7)
+    proc = run(train_cmd(kit, tmp_path, "--num_steps", "1", "--gradient_accumulation_steps", "1",
+                         "--checkpointing_steps", "1", "--buffer_update_steps", "1", "--validation_steps", "1",
+                         "--validation_num_inference_steps", "2", "--validation_scheduler", "DDIM",
+                         "--score", metric, "--weights_dir", scorer_weights))
+    assert re.search(rf"step 1: metrics/{metric} = -?\d+\.\d+", proc.stdout), proc.stdout[-2000:]
+    assert (tmp_path / "images" / "step-1.png").exists()
+
+
+def test_missing_scorer_weights_fail_at_start(kit, tmp_path):
+    (tmp_path / "weights").mkdir()
+    proc = run(train_cmd(kit, tmp_path / "log", "--validation_steps", "2", "--gradient_accumulation_steps", "2",
+                         "--score", "aestheticv2", "--weights_dir", str(tmp_path / "weights")), ok=False)
+    assert proc.returncode == 2 and str(tmp_path / "weights") in proc.stderr
+    assert not (tmp_path / "log" / "ckpt-2").exists()
