@@ -115,6 +115,9 @@ def check_args(args):
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.resolution % 8:
         raise UserError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    if args.num_steps % args.gradient_accumulation_steps:
+        raise UserError(f"--num_steps {args.num_steps} must be a multiple of --gradient_accumulation_steps "
+                        f"{args.gradient_accumulation_steps}: the last partial accumulation would never be applied")
     if args.checkpointing_steps % args.gradient_accumulation_steps:
         raise UserError(f"--checkpointing_steps {args.checkpointing_steps} must be a multiple of "
                         f"--gradient_accumulation_steps {args.gradient_accumulation_steps}: a checkpoint mid-accumulation would lose gradients")
@@ -215,7 +218,8 @@ def main():
         saved = os.path.join(resume_from[1], "state", "rollout_unet.safetensors") if resume_from else None
         unet_rollout.load_state_dict(load_file(saved) if saved and os.path.exists(saved) else raw_unet.state_dict())
     rollout_unet = raw_unet if unet_rollout is None else unet_rollout
-    checkpoint.clean_temporaries(args.logdir) if accelerator.is_main_process else None
+    if accelerator.is_main_process:
+        checkpoint.clean_temporaries(args.logdir)  # what a crash mid-save left behind
 
     moments = None
     if args.cache_latents:  # before the loader: it then skips decoding pixels

@@ -40,7 +40,8 @@ def check_tokenizer(tokenizer, source):
     # transformers 5 offline may hand back a 2-5 token tokenizer instead of raising
     # (ENVIRONMENT.md, traps): a real CLIP vocabulary has 49,408 entries.
     if len(tokenizer) < 1000:
-        raise UserError(f"tokenizer from '{source}' has only {len(tokenizer)} tokens: the files are missing or incomplete")
+        raise UserError(f"cannot load the tokenizer from '{source}': got {len(tokenizer)} tokens, its files are missing "
+                        "(no network?). Download the model on a connected machine (`hf download <id>`) and pass the local folder instead.")
     return tokenizer
 
 
