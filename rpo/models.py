@@ -32,7 +32,7 @@ def from_pretrained(cls, source, what, **kwargs):
             f"cannot load the {what} from '{source}'"
             + (f" (subfolder '{subfolder}')" if subfolder else "")
             + f": {hint}. Without network access, download it on a connected machine "
-            "(`huggingface-cli download <id>`) and pass the local folder instead."
+            "(`hf download <id>`) and pass the local folder instead."
         ) from None
 
 
