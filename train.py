@@ -65,6 +65,7 @@ def build_parser():
     a("--score", choices=SCORE_CHOICES, default=None, help="metric logged at each validation (None: images only)")
     a("--score_batch_size", type=int, default=4, help="images per validation pipeline call and per scoring batch")
     a("--score_num_images_per_prompt", type=int, default=1)
+    a("--hps_version", choices=["v2.0", "v2.1"], default="v2.0", help="HPSv2 checkpoint for --score hpsv2")
     a("--weights_dir", default=None, help="local scorer weights (one sub-folder per metric, as `rpo.tiny scorers` writes)")
     # optimisation
     a("--batch_size", type=int, default=4, help="expert/policy pairs per process per micro-step")
@@ -156,8 +157,9 @@ def main():
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # the scorer loads now, before the diffusion models: a missing metric fails at start-up, not after hours
-    scorer = load_scorer(args.score, weights_dir=args.weights_dir, device=device) if args.score else None
+    # The scorer loads now, before the diffusion models: a missing metric fails at start-up,
+    # not after hours. It waits in CPU memory and visits the GPU only while validating.
+    scorer = load_scorer(args.score, weights_dir=args.weights_dir, hps_version=args.hps_version) if args.score else None
 
     # ---------------------------------------------------------------- models
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
@@ -329,10 +331,12 @@ def main():
 
 
 def ema_step(ema, unet, device, offload):
+    """One EMA update. An offloaded EMA visits the GPU for it (as in the public code); the
+    copy back is blocking, so the CPU copy is complete before anything reads or saves it."""
     if offload and device.type != "cpu":
         ema.to(device, non_blocking=True)
         ema.step(unet.parameters())
-        ema.to("cpu", non_blocking=True)
+        ema.to("cpu")
     else:
         ema.step(unet.parameters())
 
@@ -364,7 +368,6 @@ def save_checkpoint(step, args, accelerator, unet, ema, buffer, cpu_gen, dev_gen
         raw = accelerator.unwrap_model(unet)
         raw.save_pretrained(os.path.join(path, "unet"), state_dict=weights)
         if ema is not None:
-            torch.cuda.synchronize() if torch.cuda.is_available() else None  # offloaded copies are non-blocking
             # the EMA's shadow parameters under the UNet's names: a plain UNet folder, no model copy
             ema_weights = {name: shadow for (name, _), shadow in zip(raw.named_parameters(), ema.shadow_params)}
             raw.save_pretrained(os.path.join(path, "ema"), state_dict={**weights, **ema_weights})

@@ -7,6 +7,7 @@ generator per image), so the images at every validation are comparable across st
 independent of the number of processes, which split the work.
 """
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ class Validator:
         args, acc = self.args, self.accelerator
         out = os.path.join(args.logdir, "images", f"step-{step}")
         if acc.is_main_process:
+            shutil.rmtree(out, ignore_errors=True)  # left by a crashed run: regenerate all, so `plan` lists every image
             write_captions(out, self.captions)
         acc.wait_for_everyone()
         jobs, _ = plan(out, len(self.captions), args.score_num_images_per_prompt, args.seed)
@@ -52,14 +54,7 @@ class Validator:
                      height=args.resolution, width=args.resolution)
         logs = {}
         if self.scorer is not None:
-            total = torch.zeros(2, device=acc.device)  # (sum, count) over this rank's images
-            for start in range(0, len(mine), args.score_batch_size):
-                chunk = mine[start:start + args.score_batch_size]
-                scores = self.scorer.score([Image.open(job.path).convert("RGB") for job in chunk],
-                                           [self.captions[job.prompt_index] for job in chunk])
-                total += torch.stack([scores.float().sum(), torch.tensor(float(len(chunk)))]).to(acc.device)
-            total = acc.reduce(total, "sum")
-            logs[f"metrics/{args.score}"] = (total[0] / total[1]).item()
+            logs[f"metrics/{args.score}"] = self.mean_score(mine)
         acc.wait_for_everyone()
         if acc.is_main_process:
             grid = make_grid([job.path for job in sorted(jobs, key=lambda j: (j.image_index, j.prompt_index))][:16])
@@ -71,6 +66,22 @@ class Validator:
                 print(f"step {step}: " + ", ".join(f"{k} = {v:.4f}" for k, v in logs.items()))
         if logs:
             acc.log(logs, step=step)
+
+    def mean_score(self, mine):
+        """Mean score over all ranks' images; the scorer visits the GPU only for this."""
+        acc, batch = self.accelerator, self.args.score_batch_size
+        self.scorer.to(acc.device)
+        total = torch.zeros(2, device=acc.device)  # (sum, count) over this rank's images
+        for start in range(0, len(mine), batch):
+            chunk = mine[start:start + batch]
+            scores = self.scorer.score([Image.open(job.path).convert("RGB") for job in chunk],
+                                       [self.captions[job.prompt_index] for job in chunk])
+            total += torch.stack([scores.float().sum(), torch.tensor(float(len(chunk)))]).to(acc.device)
+        self.scorer.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        total = acc.reduce(total, "sum")
+        return (total[0] / total[1]).item()
 
 
 def make_grid(paths):

@@ -330,3 +330,17 @@ def test_metrics_sharing_a_transform_get_identical_inputs(scorer_weights, images
     for image in images:
         assert torch.equal(scorers["pickscore"].preprocess(image), scorers["aestheticv2"].preprocess(image))
         assert torch.equal(scorers["hpsv2"].preprocess(image), scorers["clip"].preprocess(image))
+
+
+def test_scorer_moves_between_devices(scorer_weights):
+    from rpo.scores import load_scorer
+    from rpo.tiny import random_image
+    import random as _random
+    scorer = load_scorer("imagereward", weights_dir=scorer_weights)
+    image = random_image(_random.Random(0), 64, 64)
+    before = scorer.score([image], ["a red fox"])
+    scorer.to("meta")  # every model follows (the meta device stands in for a GPU here)
+    modules = [v for v in vars(scorer).values() if isinstance(v, torch.nn.Module)]
+    assert modules and all(p.is_meta for m in modules for p in m.parameters())
+    fresh = load_scorer("imagereward", weights_dir=scorer_weights).to("cpu")
+    assert torch.equal(fresh.score([image], ["a red fox"]), before)

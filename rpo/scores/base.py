@@ -35,6 +35,14 @@ class Scorer:
     def preprocess(self, image):
         return self.transform(image)
 
+    def to(self, device):
+        """Move the scorer's models, e.g. onto the GPU only while train.py validates."""
+        self.device = torch.device(device)
+        for value in vars(self).values():
+            if isinstance(value, torch.nn.Module):
+                value.to(self.device)
+        return self
+
     @torch.no_grad()
     def score_tensors(self, pixels, prompts):
         raise NotImplementedError
