@@ -24,12 +24,11 @@ import math
 import os
 import sys
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from rpo.cli import UserError, flag, parse_args, run_main
+from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
 from rpo.scores.folders import read_cache, scan_image_dir, write_atomic, write_cache
 from rpo.scores.loop import score_entries, shard
@@ -158,10 +157,7 @@ def main(argv=None):
     if base is not None:
         check_comparable(folders, base)
 
-    # Launched as several processes on a machine without CUDA (`accelerate launch
-    # --multi_gpu --num_processes 2` on a CPU box), accelerate only shards when told `cpu`:
-    # otherwise every process would think it is alone and score everything.
-    accelerator = Accelerator(cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu_ranks())
     scorers = {m: load_scorer(m, args.weights_dir, accelerator.device, args.hps_version) for m in metrics}
     scored = score_folders(folders, scorers, accelerator, args.batch_size, args.num_workers)
     accelerator.end_training()

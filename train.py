@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from rpo import checkpoint
 from rpo.buffer import ReplayBuffer
-from rpo.cli import UserError, flag, parse_args, run_main
+from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data import ExpertBatches, ExpertDataset, PromptDataset
 from rpo.dro import dro_loss
+from rpo.loss import STAT_KEYS as STATS
 from rpo.latents import encode_moments, sample_latents
 from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
 from rpo.rollout import rollout
@@ -35,7 +36,6 @@ from rpo.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
 from rpo.scores import load_scorer
 from rpo.validation import SCORE_CHOICES, Validator
 
-STATS = ("loss", "diff", "expert", "policy", "expert0", "policy0", "expert_diff", "policy_diff")
 # Options that must not change across a resume: they shape the state being restored.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "sdxl", "train_dataset", "resolution", "batch_size",
                      "gradient_accumulation_steps", "buffer_size", "buffer_batch_size", "buffer_num_inference_steps",
@@ -148,9 +148,7 @@ def main():
         raise UserError(f"--resume: no complete checkpoint with a resumable state in {args.logdir}")
 
     accelerator = Accelerator(
-        # several ranks on a machine without GPUs (`accelerate launch --multi_gpu` on a CPU box):
-        # unless told `cpu`, accelerate would treat every rank as a lone process 0
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        cpu=cpu_ranks(),
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=args.report_to or None, project_config=ProjectConfiguration(project_dir=args.logdir, logging_dir=args.logdir),
     )

@@ -74,3 +74,11 @@ def run_main(main):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def cpu_ranks():
+    """True when launched as several ranks on a machine without CUDA (`accelerate launch
+    --multi_gpu --num_processes N` on a CPU box): accelerate must then be told `cpu=True`,
+    or every rank takes itself for a lone process 0 and does all the work."""
+    import torch
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

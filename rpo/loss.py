@@ -8,7 +8,6 @@ With hinge=False the loss is the smooth logistic counterpart
 which is never below the hinge and exceeds it by at most margin * ln 2 (at d = -margin).
 """
 
-import torch
 import torch.nn.functional as F
 
 STAT_KEYS = ("loss", "diff", "expert", "policy", "expert0", "policy0", "expert_diff", "policy_diff")

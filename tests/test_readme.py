@@ -5,7 +5,6 @@ import importlib
 import os
 import re
 import shlex
-import sys
 
 import pytest
 

@@ -14,7 +14,7 @@ from PIL import Image
 import score
 from rpo.scores import METRICS, load_scorer
 from rpo.scores.report import median_image, win_rate
-from scores_fixtures import scorer_weights, write_image_dir  # noqa: F401 (fixture)
+from scores_fixtures import write_image_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_FLAGS = ["--batch_size", "32", "--pickscore", "--hpsv2", "--aestheticv2", "--clip", "--imagereward"]

@@ -19,7 +19,6 @@ from PIL import Image
 from rpo.scores import load_scorer
 from rpo.scores.loop import score_entries
 from rpo.tiny import CAPTIONS, random_image
-from scores_fixtures import scorer_weights  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.parity
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

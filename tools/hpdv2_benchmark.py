@@ -20,7 +20,7 @@ from collections import Counter
 from tqdm import tqdm
 
 from rpo import hpdv2
-from rpo.cli import UserError, parse_args, run_main
+from rpo.cli import UserError, cpu_ranks, parse_args, run_main
 from rpo.image_scoring import score_images
 from rpo.items import item_name, write_items
 from rpo.score_cache import ScoreCache
@@ -137,7 +137,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     args = parse_args(build_parser(), argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=cpu_ranks())
     run(args, accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.wait_for_everyone)
 
 

@@ -30,7 +30,7 @@ from collections import Counter
 from PIL import Image
 
 from rpo import pickapic
-from rpo.cli import UserError, flag, parse_args, run_main
+from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.image_scoring import score_images
 from rpo.items import item_name, write_items
 from rpo.score_cache import ScoreCache
@@ -207,7 +207,7 @@ def main(argv=None):
     from accelerate import Accelerator
 
     args = parse_args(build_parser(), argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=cpu_ranks())
     run(args, accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.wait_for_everyone)
 
 
