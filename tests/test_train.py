@@ -167,3 +167,31 @@ def test_missing_scorer_weights_fail_at_start(kit, tmp_path):
                          "--score", "aestheticv2", "--weights_dir", str(tmp_path / "weights")), ok=False)
     assert proc.returncode == 2 and str(tmp_path / "weights") in proc.stderr
     assert not (tmp_path / "log" / "ckpt-2").exists()
+
+
+def test_sdxl_with_guidance_and_options(kit, tmp_path):
+    # SDXL conditioning (pooled text, size/crop ids), classifier-free guidance with
+    # per-sample timesteps (the public code failed, REFERENCE §6.6), DDIM rollouts, random
+    # crops, the logistic loss and gradient checkpointing
+    from rpo import tiny
+    tiny.write_sdxl(str(tmp_path / "sdxl"))
+    cmd = train_cmd(kit, tmp_path / "log", "--num_steps", "2", "--gradient_accumulation_steps", "1",
+                    "--checkpointing_steps", "2", "--buffer_update_steps", "1", "--buffer_guidance_scale", "3.0",
+                    "--buffer_scheduler", "DDIM", "--no-hinge", "--gradient_checkpointing", "--random_crop")
+    cmd[cmd.index("--pretrained_model_name_or_path") + 1] = str(tmp_path / "sdxl")
+    run(cmd + ["--sdxl"])
+    tensors = torch.load(tmp_path / "log" / "ckpt-2" / "state" / "rank0.pt", weights_only=True)["buffer"]["tensors"]
+    assert tensors["pooled_embeds"].shape == (4, 32) and tensors["time_ids"].shape == (4, 6)
+    assert (tensors["time_ids"][:, 4:] == 32).all()  # target size = --resolution
+    from diffusers import UNet2DConditionModel
+    assert UNet2DConditionModel.from_pretrained(tmp_path / "log" / "ckpt-2" / "ema").config.addition_embed_type == "text_time"
+
+
+def test_public_flag_spellings_parse(monkeypatch):
+    monkeypatch.syspath_prepend(REPO)
+    import train
+    parser = train.build_parser()
+    # the public code's negative form is misspelt; both spellings work
+    assert parser.parse_args(["--gradient_checkpointing", "--no-gradient_checkpoint"]).gradient_checkpointing is False
+    assert parser.parse_args(["--no-gradient_checkpointing"]).gradient_checkpointing is False
+    assert parser.parse_args(["--no-buffer_sync", "--no-hinge"]).hinge is False
