@@ -12,13 +12,12 @@ import os
 import time
 
 import diffusers
-import torch
 import transformers
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
 from rpo import generate
-from rpo.cli import UserError, flag, parse_args, run_main
+from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data import PromptDataset
 from rpo.models import check_pipeline_folder
 
@@ -69,8 +68,7 @@ def start_processes():
     CPU-only machine as N independent single-process runs that would race on the output.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (launched and not torch.cuda.is_available())
-    state = PartialState(cpu=cpu)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or cpu_ranks())
     if launched and state.num_processes == 1:
         raise UserError(f"launched as {os.environ['WORLD_SIZE']} processes, but accelerate set up only one")
     return state

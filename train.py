@@ -323,6 +323,8 @@ def main():
         if validator is not None and (step % args.validation_steps == 0 or step == args.num_steps):
             with ema_weights(ema, raw_unet):
                 validator.run(raw_unet, step)
+        if step % args.checkpointing_steps == 0 or (validator is not None and step % args.validation_steps == 0):
+            tic = time.perf_counter()  # seconds_per_step measures training, not saving or validating
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"done: {args.num_steps} micro-steps; checkpoints in {args.logdir}")
