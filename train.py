@@ -16,7 +16,7 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -153,6 +153,11 @@ def main():
         log_with=args.report_to or None, project_config=ProjectConfiguration(project_dir=args.logdir, logging_dir=args.logdir),
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if accelerator.distributed_type == DistributedType.FSDP and (args.use_ema or args.validation_steps):
+        # FSDP shards the parameters the EMA would average, and every forward is a collective,
+        # so ranks generating different numbers of validation images would hang
+        raise UserError("under FSDP, train.py needs --no-use_ema and --validation_steps 0 "
+                        "(use DDP or configs/deepspeed_zero2.yaml for EMA and validation)")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # The scorer loads now, before the diffusion models: a missing metric fails at start-up,
