@@ -6,9 +6,7 @@ import os
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import tools.hpdv2_benchmark as tool
@@ -19,32 +17,7 @@ from rpo.safe_tar import safe_extract
 from rpo.tinydata import HPDV2_MODELS, HPDV2_STYLES, write_tiny_hpdv2
 
 
-# --------------------------------------------------------------------------- a scorer whose values the test can compute
-def fake_value(image, caption):
-    thumb = np.asarray(image.convert("RGB").resize((8, 8), Image.BILINEAR), dtype=np.float64) / 255
-    return thumb.mean() + 0.01 * len(caption)
-
-
-class Killed(Exception):
-    pass
-
-
-class FakeScorer:
-    name, version = "fake", "1"
-    scored = 0
-    fail_after = None
-
-    def preprocess(self, image):
-        thumb = np.asarray(image.convert("RGB").resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255
-        return torch.from_numpy(thumb).permute(2, 0, 1)
-
-    def score_tensors(self, pixels, prompts):
-        if FakeScorer.fail_after is not None:
-            if FakeScorer.fail_after == 0:
-                raise Killed()
-            FakeScorer.fail_after -= 1
-        FakeScorer.scored += len(prompts)
-        return pixels.double().mean(dim=(1, 2, 3)).float() + 0.01 * torch.tensor([len(p) for p in prompts])
+from fake_scorer import FakeScorer, Killed, fake_value  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

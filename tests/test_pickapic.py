@@ -8,11 +8,9 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 import tools.pickapic as tool
@@ -25,33 +23,7 @@ from rpo.tinydata import write_tiny_pickapic
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# --------------------------------------------------------------------------- a scorer whose values the test can compute
-def fake_value(image, caption):
-    """Mean of the 8x8 bilinear thumbnail in [0, 1], plus 0.01 per caption character."""
-    thumb = np.asarray(image.convert("RGB").resize((8, 8), Image.BILINEAR), dtype=np.float64) / 255
-    return thumb.mean() + 0.01 * len(caption)
-
-
-class FakeScorer:
-    name, version = "fake", "1"
-    scored = 0          # images scored by all instances (resume tests count rescoring)
-    fail_after = None   # raise Killed once this many batches were scored (a simulated kill)
-
-    def preprocess(self, image):
-        thumb = np.asarray(image.convert("RGB").resize((8, 8), Image.BILINEAR), dtype=np.float32) / 255
-        return torch.from_numpy(thumb).permute(2, 0, 1)
-
-    def score_tensors(self, pixels, prompts):
-        if FakeScorer.fail_after is not None:
-            if FakeScorer.fail_after == 0:
-                raise Killed()
-            FakeScorer.fail_after -= 1
-        FakeScorer.scored += len(prompts)
-        return pixels.double().mean(dim=(1, 2, 3)).float() + 0.01 * torch.tensor([len(p) for p in prompts])
-
-
-class Killed(Exception):
-    pass
+from fake_scorer import FakeScorer, Killed, fake_value  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
