@@ -195,3 +195,19 @@ def test_public_flag_spellings_parse(monkeypatch):
     assert parser.parse_args(["--gradient_checkpointing", "--no-gradient_checkpoint"]).gradient_checkpointing is False
     assert parser.parse_args(["--no-gradient_checkpointing"]).gradient_checkpointing is False
     assert parser.parse_args(["--no-buffer_sync", "--no-hinge"]).hinge is False
+
+
+def test_config_file_for_train(kit, tmp_path):
+    import json
+    (tmp_path / "good.yaml").write_text("resolution: 48\nbuffer_scheduler: DDIM\nnum_steps: 2\n")
+    cmd = train_cmd(kit, tmp_path / "log", "--config", str(tmp_path / "good.yaml"), "--gradient_accumulation_steps", "1",
+                    "--checkpointing_steps", "2", "--buffer_update_steps", "1")
+    i = cmd.index("--resolution")
+    del cmd[i:i + 2]  # the file sets it
+    run(cmd)
+    with open(tmp_path / "log" / "training_config.json") as f:
+        config = json.load(f)
+    assert (config["resolution"], config["buffer_scheduler"], config["num_steps"]) == (48, "DDIM", 2)
+    (tmp_path / "bad.yaml").write_text("buffer_sizee: 8\n")
+    proc = run(train_cmd(kit, tmp_path / "log2", "--config", str(tmp_path / "bad.yaml")), ok=False)
+    assert proc.returncode == 2 and "unknown option 'buffer_sizee'" in proc.stderr
