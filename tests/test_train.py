@@ -47,10 +47,13 @@ def test_resume_is_exact(kit, tmp_path):
     common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "4", "--buffer_update_steps", "4",
               "--buffer_scheduler", "DDIM", "--learning_rate", "1e-3", "--checkpoints_total_limit", "2")
     run(train_cmd(kit, tmp_path / "straight", "--num_steps", "8", *common))
-    run(train_cmd(kit, tmp_path / "split", "--num_steps", "4", *common))
+    # the split run loads data in 2 worker processes: batches are a function of (seed, rank,
+    # batch number), so the number of workers must not matter either
+    workers = ("--dataloader_num_workers", "2")
+    run(train_cmd(kit, tmp_path / "split", "--num_steps", "4", *common, *workers))
     # a crash mid-save leaves a temporary folder; resume must ignore it
     os.makedirs(tmp_path / "split" / ".tmp-ckpt-6" / "state")
-    proc = run(train_cmd(kit, tmp_path / "split", "--num_steps", "8", "--resume", *common))
+    proc = run(train_cmd(kit, tmp_path / "split", "--num_steps", "8", "--resume", *common, *workers))
     assert "resumed from" in proc.stdout + proc.stderr and "ckpt-4" in proc.stdout + proc.stderr
     for sub in ("unet", "ema"):
         assert_same_weights(tmp_path / "straight" / "ckpt-8" / sub, tmp_path / "split" / "ckpt-8" / sub)
