@@ -18,7 +18,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 
 from rpo import generate
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
-from rpo.data import PromptDataset
+from rpo.data.folders import PromptDataset
 from rpo.models import check_pipeline_folder
 
 

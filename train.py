@@ -23,18 +23,18 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from rpo import checkpoint
-from rpo.buffer import ReplayBuffer
+from rpo.training import checkpoint
+from rpo.diffusion.buffer import ReplayBuffer
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
-from rpo.data import ExpertBatches, ExpertDataset, PromptDataset
-from rpo.dro import dro_loss
-from rpo.loss import STAT_KEYS as STATS
-from rpo.latents import encode_moments, sample_latents
+from rpo.data.folders import ExpertBatches, ExpertDataset, PromptDataset
+from rpo.diffusion.objective import dro_loss
+from rpo.diffusion.loss import STAT_KEYS as STATS
+from rpo.training.latents import encode_moments, sample_latents
 from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
-from rpo.rollout import rollout
-from rpo.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
+from rpo.diffusion.rollout import rollout
+from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
 from rpo.scores import load_scorer
-from rpo.validation import SCORE_CHOICES, Validator
+from rpo.training.validation import SCORE_CHOICES, Validator
 
 # Options that must not change across a resume: they shape the state being restored.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "sdxl", "train_dataset", "resolution", "batch_size",

@@ -19,7 +19,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rpo import generate, tiny  # noqa: E402
+from rpo import generate
+from rpo.tiny import pipelines as tiny  # noqa: E402
 
 
 def bare(pipe, captions, jobs, batch_size, device, **call):
@@ -32,7 +33,7 @@ def bare(pipe, captions, jobs, batch_size, device, **call):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kit", default=None, help="folder with sd15/ and prompts/ from rpo.tiny (default: write one)")
+    parser.add_argument("--kit", default=None, help="folder with sd15/ and prompts/ from rpo.tiny.pipelines (default: write one)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -50,7 +51,7 @@ def main():
             kit = tmp
             tiny.write_sd15(os.path.join(kit, "sd15"))
             tiny.write_prompts(os.path.join(kit, "prompts"))
-        from rpo.data import PromptDataset
+        from rpo.data.folders import PromptDataset
         captions = [item.caption for item in PromptDataset(os.path.join(kit, "prompts")).items]
         pipe = generate.load_pipeline(os.path.join(kit, "sd15"))
         pipe.scheduler = generate.make_scheduler("DDPM", pipe.scheduler.config)

@@ -1,6 +1,6 @@
 """Scheduler cost of one 20-step DPM-Solver++ rollout with per-sample timesteps.
 
-Vectorised `rpo.schedulers.PerSampleScheduler` against the public code's way: a Python loop
+Vectorised `rpo.diffusion.schedulers.PerSampleScheduler` against the public code's way: a Python loop
 over samples, each stepping a stock diffusers DPMSolverMultistepScheduler on its own row
 (here one stock scheduler per sample, which is what the public code's state swapping
 amounts to, minus the swapping, and with each sample's own sigmas). The UNet is a
@@ -18,8 +18,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from rpo.schedulers import PerSampleScheduler, make_timesteps, stock_scheduler  # noqa: E402
-from rpo.tiny import SD15_SCHEDULER  # noqa: E402
+from rpo.diffusion.schedulers import PerSampleScheduler, make_timesteps, stock_scheduler  # noqa: E402
+from rpo.tiny.pipelines import SD15_SCHEDULER  # noqa: E402
 
 
 def unet(x, t):

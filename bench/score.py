@@ -26,8 +26,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rpo.scores import METRICS, load_scorer  # noqa: E402
 from rpo.scores.loop import ImageScoringDataset, collate, score_entries  # noqa: E402
-from rpo.scores.tiny import write_tiny_scorers  # noqa: E402
-from rpo.tiny import CAPTIONS  # noqa: E402
+from rpo.tiny.scorers import write_tiny_scorers  # noqa: E402
+from rpo.tiny.pipelines import CAPTIONS  # noqa: E402
 
 
 def write_images(folder, count):

@@ -25,8 +25,10 @@ from accelerate import Accelerator  # noqa: E402
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 
-from rpo import models, schedulers, tiny  # noqa: E402
-from rpo.buffer import ReplayBuffer  # noqa: E402
+from rpo import models
+from rpo.diffusion import schedulers
+from rpo.tiny.__main__ import KITS  # noqa: E402
+from rpo.diffusion.buffer import ReplayBuffer  # noqa: E402
 
 spent = collections.defaultdict(float)
 state = {"in_rollout": False, "backwards": 0, "marks": {}}
@@ -92,7 +94,7 @@ def main():
     torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="bench-train-")
     for kind in ("sd15", "experts"):
-        tiny.KITS[kind](os.path.join(work, kind))
+        KITS[kind](os.path.join(work, kind))
     patch(args.warmup, args.steps)
     total = args.warmup + args.steps
     sys.argv = ["train.py", "--pretrained_model_name_or_path", os.path.join(work, "sd15"),

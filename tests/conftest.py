@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-from rpo import tiny  # noqa: E402
+from rpo.tiny.__main__ import KITS  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def kit(tmp_path_factory):
     paths = {}
     for kind in ("sd15", "experts", "prompts"):
         paths[kind] = str(root / kind)
-        tiny.KITS[kind](paths[kind], seed=0)
+        KITS[kind](paths[kind], seed=0)
     return paths
 
 

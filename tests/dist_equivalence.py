@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from rpo.dro import dro_loss
+from rpo.diffusion.objective import dro_loss
 
 
 def fixed_batch(n=4, seed=0):

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from rpo.scores.tiny import write_tiny_scorers
-from rpo.tiny import CAPTIONS, random_image
+from rpo.tiny.scorers import write_tiny_scorers
+from rpo.tiny.pipelines import CAPTIONS, random_image
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rpo.buffer import ReplayBuffer
+from rpo.diffusion.buffer import ReplayBuffer
 
 C, H, W, L, D = 2, 3, 3, 4, 5
 

@@ -1,6 +1,6 @@
 import os
 
-from rpo import checkpoint
+from rpo.training import checkpoint
 
 
 def make(logdir, step, resumable=True):

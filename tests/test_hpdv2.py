@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 import tools.hpdv2_benchmark as tool
-from rpo import hpdv2
+from rpo.data import hpdv2
 from rpo.cli import UserError
-from rpo.data import ExpertDataset, PromptDataset
-from rpo.safe_tar import safe_extract
-from rpo.tinydata import HPDV2_MODELS, HPDV2_STYLES, write_tiny_hpdv2
+from rpo.data.folders import ExpertDataset, PromptDataset
+from rpo.data.safe_tar import safe_extract
+from rpo.tiny.datasets import HPDV2_MODELS, HPDV2_STYLES, write_tiny_hpdv2
 
 
 from fake_scorer import FakeScorer, Killed, fake_value  # noqa: E402
@@ -241,13 +241,12 @@ def test_bad_repo_gives_one_clear_line(tmp_path):
 
 # --------------------------------------------------------------------------- with the real (tiny) scorers
 def test_seed_command_runs_with_the_tiny_scorers(hpd, tmp_path, monkeypatch):
-    pytest.importorskip("rpo.scores.tiny", reason="the tiny scorer weights (rpo.scores.tiny) are not in the tree yet")
-    from rpo import tiny
+    from rpo.tiny.__main__ import KITS
     from rpo.scores import load_scorer
 
     monkeypatch.undo()
     weights = str(tmp_path / "weights")
-    tiny.KITS["scorers"](weights, seed=0)
+    KITS["scorers"](weights, seed=0)
     tool.main(["--cache", str(tmp_path / "cache"), "--batch_size", "64", "--output", str(tmp_path / "hpdv2_{style}"),
                "--repo", hpd, "--weights_dir", weights, "--num_proc", "0"])
     scorer = load_scorer("pickscore", weights_dir=weights)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rpo import generate, tiny
+from rpo import generate
+from rpo.tiny import pipelines as tiny
 from rpo.cli import UserError, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -2,8 +2,8 @@
 import torch
 from diffusers import AutoencoderKL
 
-from rpo.data import ExpertDataset
-from rpo.latents import encode_moments, sample_latents
+from rpo.data.folders import ExpertDataset
+from rpo.training.latents import encode_moments, sample_latents
 from test_train import run, train_cmd, weights
 
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from rpo.data import ExpertDataset
-from rpo.loss import per_sample_mse
+from rpo.data.folders import ExpertDataset
+from rpo.diffusion.loss import per_sample_mse
 from rpo.models import load_text_encoders
-from rpo.rollout import rollout
-from rpo.schedulers import PerSampleScheduler, make_timesteps
+from rpo.diffusion.rollout import rollout
+from rpo.diffusion.schedulers import PerSampleScheduler, make_timesteps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

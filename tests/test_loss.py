@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rpo.loss import per_sample_mse, ranking_loss
+from rpo.diffusion.loss import per_sample_mse, ranking_loss
 
 # A batch of three, worked out by hand:
 #   expert_diff = L_E - Lref_E = [-0.02, 0.05, 0.00]

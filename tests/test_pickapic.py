@@ -15,10 +15,10 @@ from PIL import Image
 
 import tools.pickapic as tool
 from rpo.cli import UserError, parse_args
-from rpo.data import ExpertDataset, PromptDataset
-from rpo.score_cache import ScoreCache
-from rpo.selection import Candidate, RunningSelection, is_preferred, select
-from rpo.tinydata import write_tiny_pickapic
+from rpo.data.folders import ExpertDataset, PromptDataset
+from rpo.data.score_cache import ScoreCache
+from rpo.data.selection import Candidate, RunningSelection, is_preferred, select
+from rpo.tiny.datasets import write_tiny_pickapic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,7 +72,7 @@ def expected_selection(rows, top, preferred, per_caption):
 
 
 def read_output(root):
-    """[(uid, caption, image bytes)] in folder order, through rpo.data as train.py reads it."""
+    """[(uid, caption, image bytes)] in folder order, through rpo.data.folders as train.py reads it."""
     items = ExpertDataset(root, resolution=16).items
     out = []
     for item in items:
@@ -339,13 +339,12 @@ def test_command_line_error_exits_2_with_one_line(pap, tmp_path):
 
 # --------------------------------------------------------------------------- with the real (tiny) scorers
 def test_seed_commands_run_with_the_tiny_scorers(pap, tmp_path, monkeypatch):
-    pytest.importorskip("rpo.scores.tiny", reason="the tiny scorer weights (rpo.scores.tiny) are not in the tree yet")
-    from rpo import tiny
+    from rpo.tiny.__main__ import KITS
     from rpo.scores import load_scorer
 
     monkeypatch.undo()  # the real registry
     weights = str(tmp_path / "weights")
-    tiny.KITS["scorers"](weights, seed=0)
+    KITS["scorers"](weights, seed=0)
     train, test = tmp_path / "pickapicv2_hpsv2_nopreferred_500", tmp_path / "pickapicv2_pickscore_test"
     tool.main(["--cache", str(tmp_path / "cache"), "--version", "v2", "--split", "train", "--score", "hpsv2",
                "--top", "500", "--batch_size", "64", "--no-preferred", "--output", str(train),
@@ -367,11 +366,10 @@ def test_seed_commands_run_with_the_tiny_scorers(pap, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_two_processes_under_torchrun_match_one(pap, tmp_path):
-    pytest.importorskip("rpo.scores.tiny", reason="the tiny scorer weights (rpo.scores.tiny) are not in the tree yet")
-    from rpo import tiny
+    from rpo.tiny.__main__ import KITS
 
     weights = str(tmp_path / "weights")
-    tiny.KITS["scorers"](weights, seed=0)
+    KITS["scorers"](weights, seed=0)
     argv = ["-m", "tools.pickapic", "--dataset", pap, "--split", "train", "--score", "hpsv2", "--top", "9",
             "--no-preferred", "--weights_dir", weights, "--num_proc", "0"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",

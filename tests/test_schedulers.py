@@ -4,8 +4,8 @@ import torch
 from diffusers import PNDMScheduler
 
 from rpo.cli import UserError
-from rpo.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps, stock_scheduler
-from rpo.tiny import SD15_SCHEDULER
+from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps, stock_scheduler
+from rpo.tiny.pipelines import SD15_SCHEDULER
 
 SHAPE = (4, 8, 8)
 

@@ -17,8 +17,8 @@ from rpo.cli import UserError
 from rpo.scores import METRICS, load_scorer
 from rpo.scores.base import download, sha256_of
 from rpo.scores.hpsv2 import LetterboxTransform
-from rpo.scores.tiny import write_tiny_scorers
-from rpo.tiny import CAPTIONS, random_image
+from rpo.tiny.scorers import write_tiny_scorers
+from rpo.tiny.pipelines import CAPTIONS, random_image
 
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from rpo.scores import load_scorer
 from rpo.scores.loop import score_entries
-from rpo.tiny import CAPTIONS, random_image
+from rpo.tiny.pipelines import CAPTIONS, random_image
 
 pytestmark = pytest.mark.parity
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

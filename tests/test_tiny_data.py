@@ -7,9 +7,9 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
-from rpo import tiny
+from rpo.tiny import pipelines as tiny
 from rpo.cli import UserError
-from rpo.data import ExpertDataset, PromptDataset, scan
+from rpo.data.folders import ExpertDataset, PromptDataset, scan
 from rpo.models import load_text_encoders, load_unet
 
 

@@ -176,7 +176,7 @@ def test_sdxl_with_guidance_and_options(kit, tmp_path):
     # SDXL conditioning (pooled text, size/crop ids), classifier-free guidance with
     # per-sample timesteps (the public code failed, REFERENCE §6.6), DDIM rollouts, random
     # crops, the logistic loss and gradient checkpointing
-    from rpo import tiny
+    from rpo.tiny import pipelines as tiny
     tiny.write_sdxl(str(tmp_path / "sdxl"))
     cmd = train_cmd(kit, tmp_path / "log", "--num_steps", "2", "--gradient_accumulation_steps", "1",
                     "--checkpointing_steps", "2", "--buffer_update_steps", "1", "--buffer_guidance_scale", "3.0",

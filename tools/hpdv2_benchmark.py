@@ -19,11 +19,11 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from rpo import hpdv2
+from rpo.data import hpdv2
 from rpo.cli import UserError, cpu_ranks, parse_args, run_main
-from rpo.image_scoring import score_images
-from rpo.items import item_name, write_items
-from rpo.score_cache import ScoreCache
+from rpo.scores.images import score_images
+from rpo.data.items import item_name, write_items
+from rpo.data.score_cache import ScoreCache
 from rpo.scores import METRICS, load_scorer
 
 ALIASES = {"aesthetic": "aestheticv1"}  # the public code's name for Aesthetic v1

@@ -29,13 +29,13 @@ from collections import Counter
 
 from PIL import Image
 
-from rpo import pickapic
+from rpo.data import pickapic
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
-from rpo.image_scoring import score_images
-from rpo.items import item_name, write_items
-from rpo.score_cache import ScoreCache
+from rpo.scores.images import score_images
+from rpo.data.items import item_name, write_items
+from rpo.data.score_cache import ScoreCache
 from rpo.scores import METRICS, load_scorer
-from rpo.selection import Candidate, RunningSelection, is_preferred, select
+from rpo.data.selection import Candidate, RunningSelection, is_preferred, select
 
 ALIASES = {"aesthetic": "aestheticv1"}  # the public code's name for Aesthetic v1
 

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from rpo.cli import UserError
-from rpo.data import IMAGE_EXTENSIONS, list_images, read_caption
+from rpo.data.folders import IMAGE_EXTENSIONS, list_images, read_caption
 
 CACHE_NAME = "scores_cache.json"
 

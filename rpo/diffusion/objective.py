@@ -9,7 +9,7 @@ import contextlib
 
 import torch
 
-from rpo.loss import per_sample_mse, ranking_loss
+from rpo.diffusion.loss import per_sample_mse, ranking_loss
 
 
 def pair_batch(sample, eps_expert, noise_scheduler):

@@ -29,7 +29,7 @@ import re
 import shutil
 
 from rpo.cli import UserError
-from rpo.safe_tar import safe_extract
+from rpo.data.safe_tar import safe_extract
 
 STYLES = ("anime", "concept-art", "paintings", "photo")
 # The 22 models of the benchmark (the seed's download list; hpsv2.utils.model_ab_dict).

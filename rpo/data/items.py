@@ -11,7 +11,7 @@ import os
 import shutil
 
 from rpo.cli import UserError
-from rpo.data import list_images
+from rpo.data.folders import list_images
 
 
 def item_name(index, count):

@@ -20,6 +20,7 @@ import torch
 from rpo.scores.aesthetic import HEADS, MLP
 from rpo.scores.hpsv2 import CHECKPOINTS
 from rpo.scores.imagereward import text_config, vision_config
+from rpo.tiny.pipelines import CAPTIONS, write_clip_tokenizer
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -64,7 +65,6 @@ def tiny_hf_clip(text_vocab=49408, projection=8):
 
 
 def write_pickscore(out):
-    from rpo.tiny import write_clip_tokenizer
     tiny_hf_clip().save_pretrained(os.path.join(out, "model"))
     processor = os.path.join(out, "processor")
     write_clip_tokenizer(processor)   # vocab.json + merges.txt, from which transformers builds the tokenizer
@@ -135,7 +135,6 @@ def blip_name(key):
 def bert_vocab():
     """A small WordPiece vocabulary: BERT's special tokens, punctuation, the kit's caption
     words, and single letters (plain and ## continuations) so that any word tokenizes."""
-    from rpo.tiny import CAPTIONS
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     words = sorted({w for caption in CAPTIONS for w in re.findall(r"[a-z]+", caption.lower())} - set(letters))
     return (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(",.!?'-:;\"()") + [str(d) for d in range(10)]

@@ -1,7 +1,7 @@
 """Policy rollouts that record every step (DESIGN §3, step 1).
 
 From noise x_T, run the rollout UNet for T steps with a per-sample scheduler
-(`rpo.schedulers.PerSampleScheduler`) and keep, for every step k, the timestep t_k, the
+(`rpo.diffusion.schedulers.PerSampleScheduler`) and keep, for every step k, the timestep t_k, the
 UNet *input* x_{t_k} and the noise prediction eps_k it produced there. The buffer then
 pairs (x_{t_k}, eps_k) as the "policy" sample: the public code gets the same pairing by
 pushing x_T first and trimming the post-step latents (REFERENCE §2, A.7).

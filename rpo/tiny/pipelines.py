@@ -1,20 +1,9 @@
-"""The tiny kit: stand-ins for every model and dataset, in the on-disk layout the real
-loaders read, so tests and the offline demo run the real code paths without a GPU or
-the hub (DESIGN §7, §8).
-
-    python -m rpo.tiny sd15     OUT   # tiny SD1.5-shaped pipeline folder
-    python -m rpo.tiny sdxl     OUT   # tiny SDXL-shaped pipeline folder
-    python -m rpo.tiny experts  OUT   # small expert folder dataset (caption.txt + image)
-    python -m rpo.tiny prompts  OUT   # small prompt folder dataset (caption.txt only)
-    python -m rpo.tiny scorers  OUT   # tiny weights of the six scorers
-    python -m rpo.tiny pickapic OUT   # small dataset in the Pick-a-Pic schema
-    python -m rpo.tiny hpdv2    OUT   # small HPDv2 benchmark layout
+"""Tiny SD1.5/SDXL pipelines and the small expert and prompt folder datasets.
 
 The models are the real classes (diffusers, transformers) built from small configs with
 random weights. The CLIP tokenizer is the real 49,408-token vocabulary, rebuilt offline
 from the BPE file open_clip ships. Same seed, same files.
 """
-import argparse
 import gzip
 import json
 import os
@@ -176,38 +165,3 @@ def write_prompts(out, seed=0, count=4):
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "caption.txt"), "w") as f:
             f.write(caption + "\n")
-
-
-def write_scorers(out, seed=0):
-    from rpo.scores.tiny import write_tiny_scorers
-    write_tiny_scorers(out, seed=seed)
-
-
-def write_pickapic(out, seed=0):
-    from rpo.tinydata import write_tiny_pickapic
-    write_tiny_pickapic(out, seed=seed)
-
-
-def write_hpdv2(out, seed=0):
-    from rpo.tinydata import write_tiny_hpdv2
-    write_tiny_hpdv2(out, seed=seed)
-
-
-KITS = {
-    "sd15": write_sd15, "sdxl": write_sdxl, "experts": write_experts, "prompts": write_prompts,
-    "scorers": write_scorers, "pickapic": write_pickapic, "hpdv2": write_hpdv2,
-}
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rpo.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=sorted(KITS))
-    parser.add_argument("out")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    KITS[args.kind](args.out, seed=args.seed)
-    print(f"wrote tiny {args.kind} to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

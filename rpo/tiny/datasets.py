@@ -18,7 +18,7 @@ import random
 import tarfile
 import uuid
 
-from rpo.tiny import CAPTIONS, random_image
+from rpo.tiny.pipelines import CAPTIONS, random_image
 
 PICKAPIC_SPLITS = {"train": (2, 8), "test": (1, 6), "test_unique": (1, 4)}  # split -> (shards, rows per shard)
 HPDV2_STYLES = ("anime", "concept-art", "paintings", "photo")

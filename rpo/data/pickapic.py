@@ -10,7 +10,7 @@ memory, never on disk. Only the columns used are read:
 
 State kept under `<cache>/pickapic/` (all of it safe to delete; it is only a cache):
 
-    scores/<metric>-<version>.rank<r>.jsonl   score per (uid, caption)      (rpo.score_cache)
+    scores/<metric>-<version>.rank<r>.jsonl   score per (uid, caption)      (rpo.data.score_cache)
     rows/<dataset>/<split>.rank<r>.jsonl      one line per finished shard: its rows without images
     images/<uid>                              encoded bytes of images that may be selected
 """
@@ -19,7 +19,7 @@ import os
 import re
 
 from rpo.cli import UserError
-from rpo.score_cache import JsonlAppender, part_paths, read_lines
+from rpo.data.score_cache import JsonlAppender, part_paths, read_lines
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "image_0_uid", "image_1_uid", "label_0", "label_1")
 
