@@ -11,7 +11,10 @@ writes it to `OUTPUT/scores.csv` (one row per dir and metric, full precision, wi
 metric's version) and `OUTPUT/scores.json` (the same plus every image's scores), OUTPUT
 being `--output` (default: the current folder). `--compare BASE_DIR` adds the paper's win
 rate of every other dir over BASE_DIR (median-PickScore image per prompt; PickScore is then
-scored even if not asked for), printed and in `scores.json` / `OUTPUT/winrate.csv`.
+scored even if not asked for), printed and in `scores.json` / `OUTPUT/winrate.csv`;
+scores.json adds wins, ties and losses apart and a bootstrap 95 % interval per metric.
+`--report FILE.html` also writes one self-contained page (tables, confidence intervals,
+win rates, a per-prompt gallery of thumbnails; rpo/scores/html_report.py).
 
 Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py):
 a rerun scores only new or changed images. Each scorer is loaded once for all dirs; with
@@ -31,8 +34,12 @@ from tqdm import tqdm
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
 from rpo.scores.folders import read_cache, scan_image_dir, write_atomic, write_cache
+from rpo.scores.html_report import write_html_report
 from rpo.scores.loop import score_entries, shard
-from rpo.scores.report import scores_csv, scores_table, summarize, win_rate, win_rate_csv, win_rate_table
+from rpo.scores.report import (scores_csv, scores_table, summarize, win_rate, win_rate_bootstrap, win_rate_csv,
+                               win_rate_table)
+
+BOOTSTRAP = {"resamples": 1000, "seed": 0}   # win-rate intervals: prompts resampled, fixed seed
 
 HELP = {
     "pickscore": "PickScore (logit_scale.exp() * cos, PickScore_v1)",
@@ -56,6 +63,8 @@ def build_parser():
                         help="local scorer weights, one sub-folder per metric (layout: rpo/scores/__init__.py)")
     parser.add_argument("--compare", default=None, metavar="BASE_DIR", help="add win rates of every dir over BASE_DIR")
     parser.add_argument("--output", default=".", help="folder for scores.csv / scores.json (default: current folder)")
+    parser.add_argument("--report", default=None, metavar="FILE.html",
+                        help="also write one self-contained HTML page: tables, win rates, per-prompt gallery")
     return parser
 
 
@@ -73,11 +82,27 @@ def check_args(args):
         raise UserError("no --dir given: pass the image folders to score")
     if args.weights_dir is not None and not os.path.isdir(args.weights_dir):
         raise UserError(f"--weights_dir: no such folder: {args.weights_dir}")
+    if args.report is not None:
+        check_report_path(args.report)
     dirs = []
     for d in args.dir + ([args.compare] if args.compare else []):
         if os.path.realpath(d) not in [os.path.realpath(x) for x in dirs]:
             dirs.append(d)
     return metrics, dirs
+
+
+def check_report_path(path):
+    """--report must be writable before hours of scoring: not a folder, and the nearest
+    existing parent a writable folder (missing parents are created, as for --output)."""
+    if os.path.isdir(path):
+        raise UserError(f"--report: {path} is a folder; give a file name such as {os.path.join(path, 'report.html')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--report {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"--report {path}: not writable")
 
 
 def check_comparable(folders, base):
@@ -189,15 +214,24 @@ def write_report(args, dirs, folders, base, versions, entries, scores, errors):
         comparisons = []
         for d, folder in enumerate(folders):
             if d != b:
-                rates, compared = win_rate({p.name: p.images for p in folder.prompts}, base_prompts, per_dir[d],
-                                           per_dir[b], metrics)
-                comparisons.append({"dir": dirs[d], "prompts": compared, "win_rate": rates})
-        report["win_rate"] = {"base": dirs[b], "rows": comparisons}
+                prompts = {p.name: p.images for p in folder.prompts}
+                rates, compared = win_rate(prompts, base_prompts, per_dir[d], per_dir[b], metrics)
+                # wins/ties/losses apart and a bootstrap interval, for the --report page and readers of scores.json
+                intervals = win_rate_bootstrap(prompts, base_prompts, per_dir[d], per_dir[b], metrics,
+                                               BOOTSTRAP["resamples"], BOOTSTRAP["seed"])
+                comparisons.append({"dir": dirs[d], "prompts": compared, "win_rate": rates, "bootstrap": intervals})
+        report["win_rate"] = {"base": dirs[b], "bootstrap": BOOTSTRAP, "rows": comparisons}
         print()
         print(win_rate_table(comparisons, dirs[b], metrics))
         write_atomic(os.path.join(args.output, "winrate.csv"), win_rate_csv(comparisons, metrics))
-    write_atomic(os.path.join(args.output, "scores.json"), json.dumps(json_safe(report), indent=1))
+    report = json_safe(report)   # the page shows exactly what scores.json holds
+    write_atomic(os.path.join(args.output, "scores.json"), json.dumps(report, indent=1))
     print(f"\nwrote {os.path.join(args.output, 'scores.csv')} and scores.json", file=sys.stderr)
+    if args.report is not None:
+        if not any(entry["scores"] for entry in report["dirs"]):
+            raise UserError(f"--report {args.report}: no image could be scored (all unreadable), no page written")
+        write_html_report(args.report, report, [{p.name: p.caption for p in folder.prompts} for folder in folders])
+        print(f"wrote {args.report}", file=sys.stderr)
 
 
 if __name__ == "__main__":
