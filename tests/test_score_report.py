@@ -87,6 +87,8 @@ def run(scorer_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     a = write_image_dir(root / "a", seed=1, prompts=4, per_prompt=3, captions=CAPTIONS)
     b = write_image_dir(root / "b", seed=2, prompts=4, per_prompt=3, captions=CAPTIONS)
+    with open(os.path.join(b, "02", "10.png"), "r+b") as f:   # one unreadable image: a placeholder, no <img>
+        f.truncate(200)
     flags = ["--pickscore", "--hpsv2", "--imagereward", "--num_workers", "0", "--weights_dir", scorer_weights]
     out = {"a": a, "b": b}
     for name, extra in (("compare", ["--dir", b, "--compare", a]), ("single", ["--dir", b])):
@@ -218,6 +220,8 @@ def test_page_is_self_contained_one_image_each_that_decodes(run):
         for tag, attrs in page.attrs:
             for key in ("src", "href"):
                 assert key not in attrs or attrs[key].startswith("data:"), (tag, attrs.get(key))
+        assert report["dirs"][0]["unreadable"] == [os.path.join(run["b"], "02", "10.png")]
+        assert text.count('<div class="missing">unreadable: ') == 1
         assert "url(" not in text and "@import" not in text and "http://" not in text and "https://" not in text
 
 
@@ -244,7 +248,8 @@ def test_gallery_cards_and_sort_keys(run):
         assert card["dirs"] == [1, 0]                                  # base first
         assert [r["file"] for r in card["files"]] == sorted({os.path.basename(rel) for rel in base["scores"]
                                                               if os.path.dirname(rel) == card["prompt"]})
-        for row in card["files"]:                                       # same file name side by side
+        for row in card["files"]:                                       # same file name side by side, the
+            # unreadable image too (shown as such)
             assert [c["path"] for c in row["cells"]] == [f"{card['prompt']}/{row['file']}"] * 2
         for m in report["metrics"]:
             expected = (trained["scores"][median_pick(trained, card["prompt"])][m]
