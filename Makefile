@@ -26,7 +26,7 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -m "slow" -q
 
-# The official scorer packages (ENVIRONMENT.md set B) in their own environment, and the
+# The official scorer packages (docs/environment.md, set B) in their own environment, and the
 # parity tests comparing rpo's scorers with them on the tiny weights (tests/test_scores_parity.py).
 PARITY_VENV ?= .venv-parity
 

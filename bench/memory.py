@@ -39,15 +39,15 @@ def table(unet, vae, text):
     frozen_bf16 = 2 * (vae + text)
     modes = {
         # weights, grads, AdamW m+v, EMA (on GPU unless offloaded), reference, rollout copy
-        "bf16 (default, the public code's numerics)": (2, 2, 4, 2, 2, 2),
+        "bf16 (default, numerics of the paper's code)": (2, 2, 4, 2, 2, 2),
         "bf16 + --fp32_master_weights": (4, 4, 8, 4, 2, 2),
-        "fp16 (fp32 master weights, as the public code)": (4, 4, 8, 4, 2, 2),
+        "fp16 (fp32 master weights, as the paper's code)": (4, 4, 8, 4, 2, 2),
         "no (fp32 everything)": (4, 4, 8, 4, 4, 4),
     }
     out = []
     for mode, (w, g, adam, ema, ref, roll) in modes.items():
         rows = [("trainable weights", w * unet), ("gradients", g * unet), ("AdamW moments", adam * unet),
-                ("reference UNet", ref * unet), ("rollout UNet (public code; rpo shares it by default)", roll * unet),
+                ("reference UNet", ref * unet), ("rollout UNet (paper's code; rpo shares it by default)", roll * unet),
                 ("EMA (0 on GPU with --offload_ema)", ema * unet), ("text encoder + VAE", frozen_bf16 if w == 2 or ref == 2 else 2 * frozen_bf16)]
         out.append((mode, [(name, b / GiB) for name, b in rows]))
     return out
@@ -94,7 +94,8 @@ def main():
         ours = public - rows[4][1] - rows[5][1]  # shared rollout model, offloaded EMA
         print(f"| {mode} | " + " | ".join(f"{b:.2f}" for _, b in rows) + f" | {public:.2f} | {ours:.2f} |")
     print("\ncolumns: " + ", ".join(name for name, _ in table(unet, vae, text)[0][1]) +
-          ", total as the public code holds it, total in rpo's default (shared rollout, EMA offloaded); GiB per GPU")
+          ", total as the paper's code (basiclab/DiffusionDRO) holds it, total in rpo's default"
+          " (shared rollout, EMA offloaded); GiB per GPU")
     if args.measure:
         base, peak, seconds = measure(args.latent, args.pairs)
         grads_and_adam = (2 + 4) * unet / GiB  # allocated during the step, bf16

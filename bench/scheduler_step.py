@@ -1,8 +1,8 @@
 """Scheduler cost of one 20-step DPM-Solver++ rollout with per-sample timesteps.
 
-Vectorised `rpo.diffusion.schedulers.PerSampleScheduler` against the public code's way: a Python loop
-over samples, each stepping a stock diffusers DPMSolverMultistepScheduler on its own row
-(here one stock scheduler per sample, which is what the public code's state swapping
+Vectorised `rpo.diffusion.schedulers.PerSampleScheduler` against the way of the paper's code (basiclab/DiffusionDRO):
+a Python loop over samples, each stepping a stock diffusers DPMSolverMultistepScheduler on its own row
+(here one stock scheduler per sample, which is what the paper's code's state swapping
 amounts to, minus the swapping, and with each sample's own sigmas). The UNet is a
 stand-in (0.1 * x), so only scheduler work is timed. Both run side by side in one
 process, alternating, and must agree.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The offline main job: the whole pipeline on the tiny kit, on the CPU, with the seed's
-# commands (shortened). Builds stand-ins for every model and dataset, builds the training
+# The offline main job: the whole pipeline on the tiny kit, on the CPU, with the paper's
+# commands (shortened; docs/papers-readme.md). Builds stand-ins for every model and dataset, builds the training
 # and test sets with the dataset tools, trains, resumes, generates and scores.
 # Everything lands under $DEMO_DIR (default ./demo).
 set -euo pipefail
@@ -23,7 +23,7 @@ $PY -m tools.pickapic --dataset "$OUT/tiny/pickapic" --weights_dir "$OUT/tiny/sc
 $PY -m tools.hpdv2_benchmark --repo "$OUT/tiny/hpdv2" --weights_dir "$OUT/tiny/scorers" \
   --cache "$OUT/data/cache" --batch_size 8 --styles photo --output "$OUT/data/hpdv2_{style}"
 
-step "3/6 train: the seed's command (fp32: bf16 is slow on CPUs), 8 micro-steps, checkpoint and validation every 4 (stops at 4, then resumes)"
+step "3/6 train: the paper's command (fp32: bf16 is slow on CPUs), 8 micro-steps, checkpoint and validation every 4 (stops at 4, then resumes)"
 train() {
   $PY train.py \
     --pretrained_model_name_or_path "$OUT/tiny/sd15" \

@@ -175,7 +175,7 @@ def test_styles_subset_and_output_placeholder(hpd, tmp_path):
 def test_unpacked_local_layout_with_missing_and_corrupt_images(hpd, tmp_path, capsys):
     repo = tmp_path / "repo"
     shutil.copytree(os.path.join(hpd, "benchmark"), repo / "benchmark", ignore=shutil.ignore_patterns("*.tar.gz"))
-    for model in HPDV2_MODELS:  # as the seed's `tar -zxvf ... -C benchmark_imgs/` loop leaves them
+    for model in HPDV2_MODELS:  # as the paper's README's `tar -zxvf ... -C benchmark_imgs/` loop leaves them
         safe_extract(os.path.join(hpd, "benchmark", "benchmark_imgs", f"{model}.tar.gz"),
                      str(repo / "benchmark" / "benchmark_imgs"))
     want = expected(hpd, "anime")

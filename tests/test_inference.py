@@ -199,7 +199,8 @@ def test_more_images_per_prompt_adds_seeds(kit, reference, tmp_path, capsys):
 
 def test_two_processes_give_the_same_images(kit, reference, tmp_path):
     # 7 of 8 images missing: an uneven split (4 + 3), the case where padding would
-    # duplicate work and where the public code wrote wrong captions (REFERENCE §6.16).
+    # duplicate work and where the paper's code (basiclab/DiffusionDRO) wrote wrong captions
+    # (docs/upstream.md, defect 16).
     output = str(tmp_path / "two")
     shutil.copytree(reference, output)
     for name in pngs(output)[1:]:

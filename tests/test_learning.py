@@ -3,10 +3,10 @@ expert/policy pairs, d = (L_E - Lref_E) - (L_P - Lref_P) is below zero on averag
 trained model denoises experts better than the frozen reference.
 
 Note on the policy half: its target is the rollout model's own noise prediction. When the
-rollout model *is* the trainable model (the seed's setting: refreshed at every update, so
+rollout model *is* the trainable model (the paper's setting: refreshed at every update, so
 fully on-policy), L_P is exactly zero at rollout time and has zero gradient; the policy
 term then acts only through Lref_P, a per-sample offset of the hinge. The test checks that
-too, since it is what the public code's algorithm does.
+too, since it is what the algorithm of the paper's code (basiclab/DiffusionDRO) does.
 """
 import os
 import subprocess

@@ -1,6 +1,6 @@
-"""The README's commands are the contract (the seed's, repaired): every command it shows
-for train.py, inference.py, score.py and the dataset tools must parse with that script's
-own parser, unchanged."""
+"""The README's commands are the contract (the paper's README's commands, repaired; see
+docs/papers-readme.md): every command it shows for train.py, inference.py, score.py and
+the dataset tools must parse with that script's own parser, unchanged."""
 import importlib
 import os
 import re
@@ -41,7 +41,7 @@ def test_readme_command_parses(name, argv, monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     module = importlib.import_module(SCRIPTS[name])
     args = module.build_parser().parse_args(argv)
-    if name == "train.py":  # the seed's training run, as the paper ran it
+    if name == "train.py":  # the paper's training command, as the paper ran it
         assert (args.num_steps, args.batch_size, args.gradient_accumulation_steps, args.learning_rate) == (25600, 4, 16, 1e-4)
         assert args.hinge and args.buffer_perturb_timesteps and not args.buffer_sync and args.mixed_precision == "bf16"
         assert (args.buffer_size, args.buffer_update_steps, args.checkpointing_steps, args.validation_steps) == (4, 16, 1280, 256)

@@ -131,7 +131,7 @@ def test_perturbed_grid_layout(num_steps):
 
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_each_sample_uses_its_own_noise_levels_not_sample_0s(name):
-    # The public code steps every sample of a DPM-Solver++ batch with sample 0's sigmas. Here,
+    # The paper's code (basiclab/DiffusionDRO) steps every sample of a DPM-Solver++ batch with sample 0's sigmas. Here,
     # sample 1 on its own grid must differ from sample 1 run on sample 0's grid.
     base = 50 * torch.arange(19, -1, -1)
     own = torch.stack([base + 3, base + 41])

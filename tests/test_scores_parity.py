@@ -1,4 +1,4 @@
-"""Parity with the official scorer code (ENVIRONMENT.md set B): the same tiny weights and
+"""Parity with the official scorer code (docs/environment.md, "Set B"): the same tiny weights and
 images scored by the hpsv2 (hpsv2x) and image-reward packages, and by the published
 recipes of PickScore, the aesthetic heads and CLIP score on transformers 4.55, in the
 separate virtual environment built from requirements-parity.txt (`make test-parity`),

@@ -5,7 +5,7 @@
 
 Downloads the four style prompt lists and the benchmark models' image tarballs
 (`--repo`, default the hub's ymhao/HPDv2, or a local folder in the same layout: see
-rpo/hpdv2.py), extracts them safely, scores every model's image of every prompt with
+rpo/data/hpdv2.py), extracts them safely, scores every model's image of every prompt with
 `--score` against that prompt, and writes one folder dataset per style at `--output`
 with `{style}` replaced: `<i>/caption.txt` (prompt i of `<style>.json`, duplicates kept,
 blank prompts skipped), the top-1 image as `<model>.jpg`, and `info.json`. Scores are
@@ -26,7 +26,7 @@ from rpo.data.items import item_name, write_items
 from rpo.data.score_cache import ScoreCache
 from rpo.scores import METRICS, load_scorer
 
-ALIASES = {"aesthetic": "aestheticv1"}  # the public code's name for Aesthetic v1
+ALIASES = {"aesthetic": "aestheticv1"}  # the name the paper's code (basiclab/DiffusionDRO) uses for Aesthetic v1
 
 
 def build_parser():

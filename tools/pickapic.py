@@ -19,7 +19,7 @@ Resuming: scores are appended to a JSONL cache after every batch, and each finis
 is recorded; a rerun skips finished shards, never rescores a (uid, caption) pair, and
 completes a partial output. `--preferred` keeps only images the user chose (label 1 in at
 least one row); a tie (0.5/0.5) is not a choice, so tied images are kept only with
-`--no-preferred` (see rpo/selection.py). Unreadable images are skipped, counted and
+`--no-preferred` (see rpo/data/selection.py). Unreadable images are skipped, counted and
 reported.
 """
 import argparse
@@ -37,7 +37,7 @@ from rpo.data.score_cache import ScoreCache
 from rpo.scores import METRICS, load_scorer
 from rpo.data.selection import Candidate, RunningSelection, is_preferred, select
 
-ALIASES = {"aesthetic": "aestheticv1"}  # the public code's name for Aesthetic v1
+ALIASES = {"aesthetic": "aestheticv1"}  # the name the paper's code (basiclab/DiffusionDRO) uses for Aesthetic v1
 
 
 def build_parser():

@@ -73,7 +73,7 @@ def scan(root, need_image, check_images=True, what="dataset"):
 
 
 class ExpertDataset(torch.utils.data.Dataset):
-    """Expert (image, caption) pairs for training, transformed as the public code does:
+    """Expert (image, caption) pairs for training, transformed as the paper's code (basiclab/DiffusionDRO) does:
     RGB, resize the shorter side to `resolution` (bilinear, antialiased), optional
     horizontal flip, centre or random square crop, scale to [-1, 1].
 
@@ -118,7 +118,7 @@ class ExpertDataset(torch.utils.data.Dataset):
                "crop_top_left": torch.tensor((top, left)), "index": index, "flipped": flip}
         if self.load_pixels:
             image = image.resize(size, Image.BILINEAR, reducing_gap=None)
-            if flip:  # flip before the crop, as the public code does
+            if flip:  # flip before the crop, as the paper's code does
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
             image = image.crop((left, top, left + self.resolution, top + self.resolution))
             out["pixel_values"] = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)

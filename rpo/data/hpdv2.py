@@ -15,10 +15,10 @@ and `hpsv2.evaluation.BenchmarkDataset` opens `benchmark_imgs/<model>/<style>/{i
 for prompt `idx`. Assumptions beyond that code: a tarball without the top `<model>/`
 folder (styles at its root) is accepted too, and a missing image only removes that model
 from the prompt's candidates. A local folder may also hold the models already unpacked
-(`benchmark_imgs/<model>/<style>/...`, as the seed's `tar -zxvf` loop leaves them).
+(`benchmark_imgs/<model>/<style>/...`, as the paper's README's `tar -zxvf` loop leaves them).
 
 Downloads and extractions go under `<cache>/hpdv2_benchmark/<repo>/`; each tarball is
-extracted (safely, rpo/safe_tar.py) into a temporary folder renamed into place when
+extracted (safely, rpo/data/safe_tar.py) into a temporary folder renamed into place when
 complete, so an interrupted run resumes cleanly. A downloaded tarball is deleted once
 extracted: the extracted folder is the cache.
 """
@@ -32,7 +32,7 @@ from rpo.cli import UserError
 from rpo.data.safe_tar import safe_extract
 
 STYLES = ("anime", "concept-art", "paintings", "photo")
-# The 22 models of the benchmark (the seed's download list; hpsv2.utils.model_ab_dict).
+# The 22 models of the benchmark (the paper's README's download list; hpsv2.utils.model_ab_dict).
 MODELS = ("CM", "Cog2", "DALLE-mini", "DALLE", "DF-IF", "DL", "Deliberate", "ED", "FD", "LDM", "Laf", "MM", "OJ",
           "RV", "SDXL-base-0.9", "SDXL-refiner-0.9", "VD", "VQD", "VQGAN", "glide", "sdv1", "sdv2")
 IMAGES = "benchmark/benchmark_imgs"

@@ -1,4 +1,4 @@
-"""Writing a folder dataset (DESIGN §5) so that a kill never leaves a half-written item.
+"""Writing a folder dataset (docs/design.md, "Data formats") so that a kill never leaves a half-written item.
 
 Each item is built in a hidden `.tmp-<name>` folder beside its final place and renamed
 into place when complete (`rpo.data.scan` ignores hidden folders, so a leftover one is
@@ -15,7 +15,7 @@ from rpo.data.folders import list_images
 
 
 def item_name(index, count):
-    """Zero-padded folder name, as wide as the largest index (the public layout)."""
+    """Zero-padded folder name, as wide as the largest index (the layout of the paper's code, basiclab/DiffusionDRO)."""
     return f"{index:0{len(str(max(count - 1, 0)))}d}"
 
 

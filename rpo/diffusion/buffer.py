@@ -1,4 +1,4 @@
-"""Replay buffer of rollout trajectories (DESIGN.md §3, steps 1-2).
+"""Replay buffer of rollout trajectories (docs/design.md, "Algorithm", steps 1-2).
 
 A trajectory is one rollout of the frozen policy UNet from fresh noise, conditioned on
 an expert caption: its caption embedding `prompt_embeds` (L, D), the expert latent
@@ -8,9 +8,9 @@ conditioning (SDXL: `pooled_embeds`, `time_ids`) is stored per trajectory under 
 name. Each name is one tensor whose first dimension runs over trajectories; pushing
 concatenates and keeps the newest `size` rows.
 
-Unlike the public code (REFERENCE.md §6 item 9) the state round-trips exactly through
-`torch.save` / `torch.load(weights_only=True)`, so a resumed run samples from the same
-trajectories with the same random numbers.
+Unlike the paper's code (basiclab/DiffusionDRO; docs/upstream.md, defect 9), the state
+round-trips exactly through `torch.save` / `torch.load(weights_only=True)`, so a resumed
+run samples from the same trajectories with the same random numbers.
 """
 
 import torch

@@ -1,4 +1,4 @@
-"""Ranking loss on denoising errors (DESIGN.md §3, step 3).
+"""Ranking loss on denoising errors (docs/design.md, "Algorithm", step 3).
 
 The trainable model should denoise expert samples better than the frozen reference, and
 its own rollout samples worse, by at least `margin`:
@@ -18,7 +18,7 @@ def per_sample_mse(pred, target):
     if pred.shape != target.shape:
         raise ValueError(f"per_sample_mse: pred has shape {tuple(pred.shape)} but target {tuple(target.shape)}")
     # float32: bf16 rounding of the per-sample error is comparable to the 0.001 margin
-    # (REFERENCE.md §6 item 3).
+    # (docs/upstream.md, defect 3).
     err = (pred.float() - target.float()).square()
     return err.reshape(len(err), -1).mean(dim=1)
 

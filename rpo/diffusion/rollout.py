@@ -1,14 +1,15 @@
-"""Policy rollouts that record every step (DESIGN §3, step 1).
+"""Policy rollouts that record every step (docs/design.md, "Algorithm", step 1).
 
 From noise x_T, run the rollout UNet for T steps with a per-sample scheduler
 (`rpo.diffusion.schedulers.PerSampleScheduler`) and keep, for every step k, the timestep t_k, the
 UNet *input* x_{t_k} and the noise prediction eps_k it produced there. The buffer then
-pairs (x_{t_k}, eps_k) as the "policy" sample: the public code gets the same pairing by
-pushing x_T first and trimming the post-step latents (REFERENCE §2, A.7).
+pairs (x_{t_k}, eps_k) as the "policy" sample: the paper's code (basiclab/DiffusionDRO) gets the same
+pairing by pushing x_T first and trimming the post-step latents (docs/upstream.md,
+"Algorithm", A.7).
 
 With guidance g > 1 the stored eps_k is the guided prediction
 eps_uncond + g * (eps_cond - eps_uncond); the per-sample timestep vector is duplicated
-for the two halves (the public code fails here, REFERENCE §6 item 6).
+for the two halves (the paper's code fails here, docs/upstream.md, defect 6).
 """
 from dataclasses import dataclass
 

@@ -1,12 +1,13 @@
-"""Samplers where every trajectory of a batch follows its own timestep grid (DESIGN §3).
+"""Samplers where every trajectory of a batch follows its own timestep grid
+(docs/design.md, "Algorithm").
 
 With `--buffer_perturb_timesteps`, trajectory i runs on t_k = ratio*(T-1-k) + u_i with its
-own offset u_i ~ U{0..ratio-1} (ratio = num_train_timesteps // T). The public code gets
-there by looping over samples in Python, gives every sample the DPM-Solver++ sigmas of
-sample 0, and cannot run DDIM at all (REFERENCE §2, §6.4-5). Here the whole batch steps at
-once: every noise level is a (B,) vector gathered from the scheduler's alphas-bar table
-with that sample's own timesteps, and the multistep history is a batch tensor, so each
-row keeps its own.
+own offset u_i ~ U{0..ratio-1} (ratio = num_train_timesteps // T). The paper's code
+(basiclab/DiffusionDRO) gets there by looping over samples in Python, gives every sample
+the DPM-Solver++ sigmas of sample 0, and cannot run DDIM at all (docs/upstream.md,
+"Algorithm", defects 4-5). Here the whole batch steps at once: every noise level is a
+(B,) vector gathered from the scheduler's alphas-bar table with that sample's own
+timesteps, and the multistep history is a batch tensor, so each row keeps its own.
 
     grid = make_timesteps("DPMSolver++", pipe.scheduler.config, 20, B, perturb=True, generator=g)
     scheduler = PerSampleScheduler.from_name("DPMSolver++", pipe.scheduler.config)

@@ -1,5 +1,5 @@
 """The five preference metrics (six scorers), exact to their published definitions
-(DESIGN §6, REFERENCE §4 and §7), behind one registry:
+(docs/design.md, "Scorers"; docs/upstream.md, "Scorers" and "Results and evaluation"), behind one registry:
 
     scorer = load_scorer("hpsv2", weights_dir=None, device="cuda", hps_version="v2.0")
     scores = scorer.score(pil_images, prompts)          # (N,) float32 on the CPU

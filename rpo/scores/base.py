@@ -1,6 +1,6 @@
 """What every scorer shares: the `Scorer` interface and where its weights come from.
 
-A scorer reads its weights either from the hub (the default ids of DESIGN §6) or from a
+A scorer reads its weights either from the hub (the default ids of docs/design.md, "Scorers") or from a
 local folder: `--weights_dir DIR` holds one sub-folder per metric, laid out as the
 package docstring of `rpo.scores` describes and as `python -m rpo.tiny scorers DIR` writes
 it. Anything missing becomes one `UserError` line naming what to download and the exact
@@ -128,7 +128,7 @@ def hub_file(repo, filename, what, hint):
 
 def check_vocabulary(tokenizer, source, expected_at_least):
     # transformers 5 offline may hand back a 2-5 token tokenizer instead of raising
-    # (ENVIRONMENT.md, traps); every real vocabulary here has tens of thousands of entries.
+    # (docs/environment.md, "Traps"); every real vocabulary here has tens of thousands of entries.
     if len(tokenizer) < expected_at_least:
         raise UserError(f"tokenizer from '{source}' has only {len(tokenizer)} tokens: its files are missing or incomplete")
     return tokenizer

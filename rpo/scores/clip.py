@@ -3,7 +3,7 @@ text features — no x100, no 2.5 factor, no clamp (~0.33-0.36 on SD1.5).
 
 The weights come from the hub repo `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (the same files
 as open_clip's `laion2b_s32b_b79k` tag) or a local copy of it, read by the same open_clip
-call (`hf-hub:` vs `local-dir:`). The public code builds this model with the hpsv2
+call (`hf-hub:` vs `local-dir:`). The paper's code (basiclab/DiffusionDRO) builds this model with the hpsv2
 package's loader and evaluation transform, so images are letterboxed as for HPSv2; for
 square images (every generated benchmark image) this equals a centre crop.
 """

@@ -2,7 +2,7 @@
 
 An image folder is inference.py's output: `<dir>/<prompt index>/caption.txt` and one or
 more images (`.png`, `.jpg`, `.jpeg`, `.webp`). Every image of every prompt is scored
-(the public code scored one, REFERENCE §6 item 12).
+(the paper's code, basiclab/DiffusionDRO, scored one: docs/upstream.md, defect 12).
 
 Scores are cached in `<dir>/scores_cache.json`, keyed by the metric with its version
 (which includes a fingerprint of the weights) and by a hash of the image file's bytes and

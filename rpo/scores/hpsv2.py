@@ -59,7 +59,7 @@ def letterbox_for(model):
 
 def check_tokenizer(model, tokenizer, source):
     # a model whose vocabulary is smaller than the tokenizer's would fail on the first
-    # rare token, or worse, index the wrong embedding (ENVIRONMENT.md, traps)
+    # rare token, or worse, index the wrong embedding (docs/environment.md, "Traps")
     vocab = len(tokenizer.encoder)
     if model.vocab_size != vocab:
         raise UserError(f"open_clip model from '{source}' has a vocabulary of {model.vocab_size}, its tokenizer {vocab}")

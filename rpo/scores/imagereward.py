@@ -31,7 +31,7 @@ MAX_LENGTH = 35
 # override it with `vision_config.json` in the same argument names (the tiny kit does).
 VIT_LARGE = {"image_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "num_heads": 16}
 
-# BLIP's timm-style ViT names -> transformers' BlipVisionModel names (ENVIRONMENT.md).
+# BLIP's timm-style ViT names -> transformers' BlipVisionModel names (docs/environment.md, "Set A").
 VISION_RENAMES = [
     (r"^cls_token$", "embeddings.class_embedding"),
     (r"^pos_embed$", "embeddings.position_embedding"),

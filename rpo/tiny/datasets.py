@@ -8,7 +8,7 @@ Pick-a-Pic rows hold the real columns (caption, jpg_0/jpg_1 JPEG bytes, image_0_
 image_1_uid, label_0/label_1, best_image_uid, ...), with repeated captions, ties
 (0.5/0.5), and images that appear in more than one row (as in the real data, where one
 generated image is compared several times). The HPDv2 layout is described in
-`rpo/hpdv2.py`. Same seed, same bytes.
+`rpo/data/hpdv2.py`. Same seed, same bytes.
 """
 import gzip
 import io
