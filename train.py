@@ -1,4 +1,4 @@
-"""Diffusion-DRO training (DESIGN §3, §4).
+"""Diffusion-DRO training (docs/design.md, "Algorithm" and "Checkpoints").
 
     accelerate launch train.py --pretrained_model_name_or_path ... --train_dataset ... [options]
 
@@ -13,28 +13,29 @@ import json
 import math
 import os
 import time
+from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration
-from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from rpo.training import checkpoint
-from rpo.diffusion.buffer import ReplayBuffer
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import ExpertBatches, ExpertDataset, PromptDataset
-from rpo.diffusion.objective import dro_loss
+from rpo.diffusion.family import UNetFamily, read_schedule_config
 from rpo.diffusion.loss import STAT_KEYS as STATS
-from rpo.training.latents import encode_moments, sample_latents
+from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler
+from rpo.generate import SCHEDULERS as STOCK_SCHEDULERS
 from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
-from rpo.diffusion.rollout import rollout
-from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
 from rpo.scores import load_scorer
-from rpo.training.validation import SCORE_CHOICES, Validator
+from rpo.training import checkpoint
+from rpo.training.ema import NamedEMA
+from rpo.training.latents import encode_moments
+from rpo.training.parametrisation import FullFineTune
+from rpo.training.state import TrainState, check_resume, load_checkpoint, read_trainer, save_checkpoint
+from rpo.training.steps import Refiller, RolloutSettings, dro_micro_step
+from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator
 
 # Options that must not change across a resume: they shape the state being restored.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "sdxl", "train_dataset", "resolution", "batch_size",
@@ -59,7 +60,7 @@ def build_parser():
     # validation
     a("--validation_dataset", default="./data/pickapicv2_test", help="prompt folder dataset for validation")
     a("--validation_steps", type=int, default=0, help="generate (and score) the validation prompts every N micro-steps; 0 = never")
-    a("--validation_scheduler", choices=SCHEDULERS, default="DDPM")
+    a("--validation_scheduler", choices=list(STOCK_SCHEDULERS), default="DDPM", help="stock diffusers sampler of the validation images")
     a("--validation_num_inference_steps", type=int, default=50)
     a("--validation_guidance_scale", type=float, default=7.5)
     a("--score", choices=SCORE_CHOICES, default=None, help="metric logged at each validation (None: images only)")
@@ -101,7 +102,12 @@ def build_parser():
     flag(p, "offload_ema", True, "keep the EMA in CPU memory")
     a("--checkpointing_steps", type=int, default=1280, help="write ckpt-N every N micro-steps (a multiple of --gradient_accumulation_steps)")
     a("--checkpoints_total_limit", type=int, default=1, help="how many newest checkpoints keep the full resumable state")
-    flag(p, "resume", False, "continue from the newest complete checkpoint in --logdir")
+    a("--checkpoints_keep_weights", type=int, default=None,
+      help="delete whole checkpoints (weights too) beyond the newest N (diffusers' meaning of a limit); None keeps every checkpoint's weights")
+    a("--resume", nargs="?", const="latest", default=None, metavar="latest|CKPT",
+      help="continue from a checkpoint folder, or 'latest' (the newest resumable one in --logdir; a fresh start when there is none)")
+    p.add_argument("--no-resume", dest="resume", action="store_const", const=None, help=argparse.SUPPRESS)
+    flag(p, "overwrite", False, "delete the checkpoints and images already in --logdir and start fresh")
     a("--report_to", default="tensorboard", help="accelerate tracker (tensorboard, wandb, ...)")
     return p
 
@@ -132,6 +138,11 @@ def check_args(args):
         raise UserError("--cache_latents needs centre crops: it caches each image and its mirror, not every random crop")
     if args.validation_steps < 0:
         raise UserError(f"--validation_steps must be >= 0, got {args.validation_steps}")
+    if args.checkpoints_keep_weights is not None and args.checkpoints_keep_weights < max(1, args.checkpoints_total_limit):
+        raise UserError(f"--checkpoints_keep_weights {args.checkpoints_keep_weights} must be at least "
+                        f"--checkpoints_total_limit {args.checkpoints_total_limit} (and >= 1): it would delete resumable states")
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: continue the run in --logdir, or delete it")
     if args.score and not args.validation_steps:
         raise UserError("--score needs --validation_steps N > 0 (the score is computed at each validation)")
 
@@ -143,9 +154,9 @@ def main():
     experts = ExpertDataset(args.train_dataset, args.resolution, args.random_flip, args.random_crop)
     prompts = PromptDataset(args.validation_dataset, what="validation dataset") if args.validation_steps else None
     check_pipeline_folder(args.pretrained_model_name_or_path)
-    resume_from = checkpoint.latest_resumable(args.logdir) if args.resume else None
-    if args.resume and resume_from is None:
-        raise UserError(f"--resume: no complete checkpoint with a resumable state in {args.logdir}")
+    schedule, _ = read_schedule_config(args.pretrained_model_name_or_path)
+    resume_from = checkpoint.resolve_resume(args.logdir, args.resume)
+    trainer = read_trainer(resume_from[1]) if resume_from else None
 
     accelerator = Accelerator(
         cpu=cpu_ranks(),
@@ -153,6 +164,10 @@ def main():
         log_with=args.report_to or None, project_config=ProjectConfiguration(project_dir=args.logdir, logging_dir=args.logdir),
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if trainer is not None:
+        check_resume(trainer, path=resume_from[1], world=world, args=vars(args), invariants=RESUME_INVARIANTS)
+    elif accelerator.is_main_process:
+        checkpoint.check_fresh_logdir(args.logdir, args.overwrite)
     if accelerator.distributed_type == DistributedType.FSDP and (args.use_ema or args.validation_steps):
         # FSDP shards the parameters the EMA would average, and every forward is a collective,
         # so ranks generating different numbers of validation images would hang
@@ -166,39 +181,29 @@ def main():
 
     # ---------------------------------------------------------------- models
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    # The public code trains in pure bf16 (weights, grads, AdamW state, EMA); fp16 and
+    # The paper's code trains in pure bf16 (weights, grads, AdamW state, EMA); fp16 and
     # --fp32_master_weights keep fp32 master weights under autocast instead.
     train_dtype = torch.float32 if args.mixed_precision == "fp16" or args.fp32_master_weights else weight_dtype
     source = args.pretrained_model_name_or_path
+    family = UNetFamily(schedule, sdxl=args.sdxl)
     text = load_text_encoders(source, args.sdxl, args.variant, weight_dtype).to(device)
     vae = load_vae(source, args.sdxl, args.variant, weight_dtype, vae=args.vae).to(device)
-    unet_ref = load_unet(source, "unet", args.variant, weight_dtype, what="reference UNet").requires_grad_(False).to(device)
     unet = load_unet(source, "unet", args.variant, train_dtype, what="trainable UNet").to(device)
+    reference = load_unet(source, "unet", args.variant, weight_dtype, what="reference UNet").requires_grad_(False).to(device)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    # The rollout model is the trainable weights as of the last refresh. When every refresh
-    # falls right after every optimizer update (accumulation % update_steps == 0, the seed's
-    # 16/16), the two are always equal, so rollouts use the trainable UNet itself and the
-    # third full UNet of the public code is not needed.
-    shared_rollout = args.gradient_accumulation_steps % args.buffer_update_steps == 0
-    unet_rollout = None if shared_rollout else load_unet(source, "unet", args.variant, weight_dtype, what="rollout UNet").requires_grad_(False).to(device)
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent_size = args.resolution // vae_scale  # from --resolution, not unet.config.sample_size (REFERENCE §6.11)
-    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler")
-    buffer_sampler = PerSampleScheduler.from_name(args.buffer_scheduler, noise_scheduler.config)
-    if args.buffer_num_inference_steps > noise_scheduler.config.num_train_timesteps:
-        raise UserError(f"--buffer_num_inference_steps exceeds the {noise_scheduler.config.num_train_timesteps} training timesteps")
+    # A lagging rollout model needs its own copy; see rpo/training/parametrisation.py.
+    lagging = args.gradient_accumulation_steps % args.buffer_update_steps != 0
+    rollout_copy = load_unet(source, "unet", args.variant, weight_dtype, what="rollout UNet").requires_grad_(False).to(device) if lagging else None
+    params = FullFineTune(trainable=unet, reference=reference, rollout=rollout_copy)
+    latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # from --resolution (docs/upstream.md, defect 11)
+    if args.buffer_num_inference_steps > family.num_train_timesteps:
+        raise UserError(f"--buffer_num_inference_steps exceeds the {family.num_train_timesteps} training timesteps")
 
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(unet.parameters(), foreach=True)
-        if args.offload_ema:
-            ema.to("cpu")
-
-    params = [p for p in unet.parameters() if p.requires_grad]  # a list: clipping must see them (REFERENCE §6.1)
+    ema = NamedEMA(params.named_trainable(), offload=args.offload_ema) if args.use_ema else None
     lr = args.learning_rate * (args.gradient_accumulation_steps * args.batch_size * world if args.scale_lr else 1)
-    optimizer = torch.optim.AdamW(params, lr=lr)
+    optimizer = torch.optim.AdamW([p for _, p in params.named_trainable()], lr=lr)
     num_updates = math.ceil(args.num_steps / args.gradient_accumulation_steps)
     # accelerate's wrapped scheduler ticks once per process at each optimizer update
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,
@@ -206,128 +211,82 @@ def main():
                                  num_training_steps=num_updates * world)
     if accelerator.state.deepspeed_plugin is not None:  # no DataLoader is prepared: DeepSpeed needs the batch size
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    raw_unet = accelerator.unwrap_model(unet)
+    model, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
 
     # ---------------------------------------------------------------- state
-    buffer_size = args.buffer_size * (world if args.buffer_sync else 1)
-    buffer = ReplayBuffer(buffer_size, device=device)
-    # Dedicated generators (saved in checkpoints) make every random draw reproducible on resume.
-    cpu_gen = torch.Generator().manual_seed(args.seed + rank)
-    dev_gen = torch.Generator(device).manual_seed(args.seed + rank + 7919)
-    start_step, expert_batches_used = 0, 0
-    if resume_from is not None:
-        start_step, expert_batches_used = load_state(resume_from[1], args, accelerator, ema, buffer, cpu_gen, dev_gen)
-        accelerator.step = start_step
-    if unet_rollout is not None:
-        saved = os.path.join(resume_from[1], "state", "rollout_unet.safetensors") if resume_from else None
-        unet_rollout.load_state_dict(load_file(saved) if saved and os.path.exists(saved) else raw_unet.state_dict())
-    rollout_unet = raw_unet if unet_rollout is None else unet_rollout
+    state = TrainState.fresh(seed=args.seed, rank=rank, buffer_size=args.buffer_size * (world if args.buffer_sync else 1),
+                             device=device)
+    if trainer is not None:
+        load_checkpoint(path=resume_from[1], trainer=trainer, accelerator=accelerator, params=params, ema=ema, state=state)
+        accelerator.step = state.step
+        accelerator.print(f"resumed from {resume_from[1]} at micro-step {state.step}")
+    else:
+        params.refresh_rollout()
+        if args.resume == "latest":
+            accelerator.print(f"--resume latest: no resumable checkpoint in {args.logdir}, starting fresh")
     if accelerator.is_main_process:
         checkpoint.clean_temporaries(args.logdir)  # what a crash mid-save left behind
+        record_start(args, resume_from)
+        accelerator.init_trackers("rpo", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     moments = None
     if args.cache_latents:  # before the loader: it then skips decoding pixels
         moments = encode_moments(vae, experts, device, weight_dtype)
         experts.load_pixels = False
-    batches = ExpertBatches(len(experts), args.buffer_batch_size, args.seed, rank, world, start=expert_batches_used)
+    batches = ExpertBatches(len(experts), args.buffer_batch_size, args.seed, rank, world, start=state.expert_batches_used)
     loader = iter(torch.utils.data.DataLoader(experts, batch_sampler=batches, num_workers=args.dataloader_num_workers,
                                               pin_memory=device.type == "cuda", persistent_workers=False))
-    validator = Validator(args, accelerator, prompts, text, vae, noise_scheduler, scorer) if prompts else None
-    empty_embeds = text.encode([""]) if args.buffer_guidance_scale != 1.0 else None
-
-    if accelerator.is_main_process:
-        os.makedirs(args.logdir, exist_ok=True)
-        if resume_from is None:
-            with open(os.path.join(args.logdir, "training_config.json"), "w") as f:
-                json.dump(vars(args), f, indent=2)
-        accelerator.init_trackers("rpo", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    def refill():
-        """Roll out the current policy from a batch of expert captions and push the trajectories."""
-        nonlocal expert_batches_used
-        n = args.buffer_batch_accumulation
-        if len(buffer) == 0:
-            n = max(math.ceil(args.batch_size / args.buffer_batch_size), n)
-        for _ in range(n):
-            batch = next(loader)
-            expert_batches_used += 1
-            b = len(batch["caption"])
-            drop = torch.rand(b, generator=cpu_gen) < args.random_drop_prompt_probability
-            captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-            embeds, pooled = text.encode(captions)
-            if moments is not None:
-                x0 = sample_latents(moments, batch["index"], batch["flipped"], dev_gen) * vae.config.scaling_factor
-            else:
-                with torch.no_grad():
-                    pixels = batch["pixel_values"].to(device, weight_dtype)
-                    x0 = vae.encode(pixels).latent_dist.sample(generator=dev_gen) * vae.config.scaling_factor
-            x_T = torch.randn((b, raw_unet.config.in_channels, latent_size, latent_size), generator=dev_gen, device=device)
-            grid = make_timesteps(args.buffer_scheduler, noise_scheduler.config, args.buffer_num_inference_steps, b,
-                                  args.buffer_perturb_timesteps, generator=cpu_gen, device=device)
-            extras, cond, neg_cond = {}, None, None
-            if args.sdxl:
-                # rollouts use the pipeline's default size conditioning, training the expert's own
-                res = args.resolution
-                default_ids = torch.tensor([res, res, 0, 0, res, res], device=device).repeat(b, 1)
-                cond = {"text_embeds": pooled, "time_ids": default_ids}
-                if empty_embeds is not None:
-                    neg_cond = {"text_embeds": empty_embeds[1].expand(b, -1), "time_ids": default_ids}
-                extras = {"pooled_embeds": pooled,
-                          "time_ids": torch.cat([batch["original_size"], batch["crop_top_left"],
-                                                 torch.tensor([[res, res]] * b)], 1).to(device)}
-            neg = empty_embeds[0].expand(b, -1, -1) if empty_embeds is not None else None
-            with accelerator.autocast():
-                traj = rollout(rollout_unet, buffer_sampler, x_T, grid, embeds, args.buffer_guidance_scale, neg, cond, neg_cond,
-                               generator=dev_gen)
-            fields = dict(prompt_embeds=embeds, x0=x0, t=traj.t, x_t=traj.x_t, eps=traj.eps, **extras)
-            if args.buffer_sync and world > 1:
-                fields = {k: accelerator.gather(v.contiguous()) for k, v in fields.items()}
-            buffer.push(**fields)
-
-    def micro_step():
-        """Sample (expert, policy) pairs at shared timesteps and take one ranking-loss backward."""
-        sample = buffer.sample(args.batch_size, generator=cpu_gen)
-        eps_expert = torch.randn(sample["x0"].shape, generator=dev_gen, device=device)
-        with accelerator.accumulate(unet):
-            loss, stats = dro_loss(unet, unet_ref, sample, eps_expert, noise_scheduler, args.margin, args.hinge,
-                                   accelerator.autocast)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        return torch.stack([stats[k] for k in STATS])
+    refiller = Refiller(batches=loader, text=text, vae=vae, family=family, accelerator=accelerator, weight_dtype=weight_dtype,
+                        sampler=PerSampleScheduler.from_name(args.buffer_scheduler, family.schedule), moments=moments,
+                        settings=RolloutSettings(
+                            scheduler=args.buffer_scheduler, num_steps=args.buffer_num_inference_steps,
+                            batch_size=args.buffer_batch_size, batches_per_refill=args.buffer_batch_accumulation,
+                            min_trajectories=args.batch_size, guidance_scale=args.buffer_guidance_scale,
+                            perturb_timesteps=args.buffer_perturb_timesteps,
+                            drop_prompt_probability=args.random_drop_prompt_probability, resolution=args.resolution,
+                            latent_size=latent_size, sdxl=args.sdxl, sync=args.buffer_sync))
+    validator = None
+    if prompts is not None:
+        validator = Validator(accelerator=accelerator, captions=[item.caption for item in prompts.items], text=text, vae=vae,
+                              schedule=family.schedule, logdir=args.logdir, scorer=scorer, score_name=args.score,
+                              settings=ValidationSettings(
+                                  scheduler=args.validation_scheduler, num_inference_steps=args.validation_num_inference_steps,
+                                  guidance_scale=args.validation_guidance_scale, resolution=args.resolution, seed=args.seed,
+                                  images_per_prompt=args.score_num_images_per_prompt, batch_size=args.score_batch_size,
+                                  sdxl=args.sdxl))
 
     # ---------------------------------------------------------------- loop
-    bar = tqdm(range(start_step + 1, args.num_steps + 1), initial=start_step, total=args.num_steps,
+    bar = tqdm(range(state.step + 1, args.num_steps + 1), initial=state.step, total=args.num_steps,
                disable=not accelerator.is_local_main_process, desc="micro-steps")
     running = torch.zeros(len(STATS), device=device)
     tic = time.perf_counter()
     for step in bar:
-        if len(buffer) == 0 or step % args.buffer_sample_steps == 0:
-            refill()
-        running += micro_step()
+        state.step = step
+        if len(state.buffer) == 0 or step % args.buffer_sample_steps == 0:
+            refiller.refill(model=params.rollout_model, state=state)
+        running += dro_micro_step(accelerator=accelerator, model=model, params=params, family=family, state=state,
+                                  batch_size=args.batch_size, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                  margin=args.margin, hinge=args.hinge, max_grad_norm=args.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
-                ema_step(ema, raw_unet, device, args.offload_ema)
+                ema.step(params.named_trainable())
             seconds = (time.perf_counter() - tic) / args.gradient_accumulation_steps
             means = accelerator.reduce(running / args.gradient_accumulation_steps, "mean").tolist()
             logs = {f"loss/{k}": v for k, v in zip(STATS, means)}
-            logs.update({"params/lr": lr_scheduler.get_last_lr()[0], "params/buffer_size": len(buffer),
+            logs.update({"params/lr": lr_scheduler.get_last_lr()[0], "params/buffer_size": len(state.buffer),
                          "perf/seconds_per_step": seconds, "perf/samples_per_second": args.batch_size * world / seconds})
             accelerator.log(logs, step=step)
             bar.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['params/lr']:.2g}")
             running.zero_()
             tic = time.perf_counter()
-        if unet_rollout is not None and step % args.buffer_update_steps == 0:
-            unet_rollout.load_state_dict(raw_unet.state_dict())
+        if step % args.buffer_update_steps == 0:
+            params.refresh_rollout()
         if step % args.checkpointing_steps == 0 or step == args.num_steps:
-            save_checkpoint(step, args, accelerator, unet, ema, buffer, cpu_gen, dev_gen, expert_batches_used, unet_rollout)
+            save_checkpoint(logdir=args.logdir, accelerator=accelerator, model=model, params=params, ema=ema, state=state,
+                            args=vars(args), keep=args.checkpoints_total_limit, keep_weights=args.checkpoints_keep_weights)
         if validator is not None and (step % args.validation_steps == 0 or step == args.num_steps):
-            with ema_weights(ema, raw_unet):
-                validator.run(raw_unet, step)
+            with ema.swapped_into(params.named_trainable()) if ema is not None else nullcontext():
+                validator.run(params.trainable, step)
         if step % args.checkpointing_steps == 0 or (validator is not None and step % args.validation_steps == 0):
             tic = time.perf_counter()  # seconds_per_step measures training, not saving or validating
     accelerator.end_training()
@@ -335,86 +294,21 @@ def main():
         print(f"done: {args.num_steps} micro-steps; checkpoints in {args.logdir}")
 
 
-def ema_step(ema, unet, device, offload):
-    """One EMA update. An offloaded EMA visits the GPU for it (as in the public code); the
-    copy back is blocking, so the CPU copy is complete before anything reads or saves it."""
-    if offload and device.type != "cpu":
-        ema.to(device, non_blocking=True)
-        ema.step(unet.parameters())
-        ema.to("cpu")
-    else:
-        ema.step(unet.parameters())
-
-
-class ema_weights:
-    """Context: the EMA weights swapped into `unet`, the trained ones restored after."""
-
-    def __init__(self, ema, unet):
-        self.ema, self.unet = ema, unet
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.unet.parameters())
-            self.ema.copy_to(self.unet.parameters())
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.unet.parameters())
-
-
-def save_checkpoint(step, args, accelerator, unet, ema, buffer, cpu_gen, dev_gen, expert_batches_used, unet_rollout=None):
-    """ckpt-<step>/{unet, ema, state/}: assembled in a temporary folder, renamed when complete."""
-    path = checkpoint.tmp_dir(args.logdir, step)
-    if accelerator.is_main_process:
-        checkpoint.begin(args.logdir, step)
-    accelerator.wait_for_everyone()
-    weights = accelerator.get_state_dict(unet)  # on every rank: a collective under DeepSpeed ZeRO-3 / FSDP
-    if accelerator.is_main_process:
-        raw = accelerator.unwrap_model(unet)
-        raw.save_pretrained(os.path.join(path, "unet"), state_dict=weights)
-        if ema is not None:
-            # the EMA's shadow parameters under the UNet's names: a plain UNet folder, no model copy
-            ema_weights = {name: shadow for (name, _), shadow in zip(raw.named_parameters(), ema.shadow_params)}
-            raw.save_pretrained(os.path.join(path, "ema"), state_dict={**weights, **ema_weights})
-    state = os.path.join(path, "state")
-    accelerator.save_state(state)
-    torch.save({"buffer": buffer.state_dict(), "cpu_gen": cpu_gen.get_state(), "dev_gen": dev_gen.get_state()},
-               os.path.join(state, f"rank{accelerator.process_index}.pt"))
-    if unet_rollout is not None and accelerator.is_main_process:  # the lagging rollout weights, for exact resume
-        save_file({k: v.contiguous() for k, v in unet_rollout.state_dict().items()}, os.path.join(state, "rollout_unet.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trainer = {"step": step, "expert_batches_used": expert_batches_used, "world": accelerator.num_processes,
-                   "args": {k: v for k, v in vars(args).items()}}
-        if ema is not None:
-            trainer["ema"] = ema.state_dict()
-        torch.save(trainer, os.path.join(state, "trainer.pt"))  # written last: marks the state complete
-        checkpoint.commit(args.logdir, step, args.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-
-
-def load_state(ckpt, args, accelerator, ema, buffer, cpu_gen, dev_gen):
-    """Restore everything `save_checkpoint` wrote; refuse a resume that would be silently wrong."""
-    state = os.path.join(ckpt, "state")
-    trainer = torch.load(os.path.join(state, "trainer.pt"), weights_only=True)
-    if trainer["world"] != accelerator.num_processes:
-        raise UserError(f"--resume: {ckpt} was written by {trainer['world']} processes, this run has "
-                        f"{accelerator.num_processes}; each rank's data shard and replay buffer are part of the state")
-    for name in RESUME_INVARIANTS:
-        saved, now = trainer["args"].get(name), getattr(args, name)
-        if saved != now:
-            raise UserError(f"--resume: --{name} was {saved!r} in {ckpt}, now {now!r}")
-    accelerator.load_state(state)
-    if ema is not None:
-        ema.load_state_dict(trainer["ema"])
-        ema.to("cpu" if args.offload_ema else accelerator.device)
-    mine = torch.load(os.path.join(state, f"rank{accelerator.process_index}.pt"), weights_only=True)
-    buffer.load_state_dict(mine["buffer"])
-    cpu_gen.set_state(mine["cpu_gen"])
-    dev_gen.set_state(mine["dev_gen"])
-    if accelerator.is_main_process:
-        print(f"resumed from {ckpt} at micro-step {trainer['step']}")
-    return trainer["step"], trainer["expert_batches_used"]
+def record_start(args, resume_from):
+    """Append this start (fresh or resumed, with every option) to <logdir>/training_config.json."""
+    path = os.path.join(args.logdir, "training_config.json")
+    runs = []
+    if resume_from is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        runs = old.get("runs", []) if isinstance(old, dict) and "runs" in old else [{"resumed_from": None, "args": old}]
+    runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": resume_from[1] if resume_from else None,
+                 "args": vars(args)})
+    os.makedirs(args.logdir, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"runs": runs}, f, indent=2)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,14 @@ then save the resulting gradient and SGD-updated weights from rank 0.
 Used by tests/test_distributed.py: N=2 x batch 2 must equal N=1 x batch 4 (gradients
 averaged across ranks, not summed), and so must N=1 x batch 2 x accumulation 2.
 """
+import contextlib
 import sys
 
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
+from rpo.diffusion.family import UNetFamily, read_schedule_config
 from rpo.diffusion.objective import dro_loss
 
 
@@ -33,7 +35,7 @@ def main(out, pipeline, accumulation):
     with torch.no_grad():  # make the trainable model differ from the reference, so the loss is not flat
         for p in unet.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    noise = DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler")
+    family = UNetFamily(read_schedule_config(pipeline)[0])
     optimizer = torch.optim.SGD(unet.parameters(), lr=1.0)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     sample, eps = fixed_batch()
@@ -44,7 +46,8 @@ def main(out, pipeline, accumulation):
     for m in range(accumulation):
         idx = slice(lo + m * micro, lo + (m + 1) * micro)
         with accelerator.accumulate(unet):
-            loss, _ = dro_loss(unet, unet_ref, {k: v[idx] for k, v in sample.items()}, eps[idx], noise, margin=0.05)
+            loss, _ = dro_loss(model=unet, reference=lambda: contextlib.nullcontext(unet_ref), family=family,
+                               sample={k: v[idx] for k, v in sample.items()}, eps_expert=eps[idx], margin=0.05)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 grads = {n: p.grad.detach().clone() for n, p in accelerator.unwrap_model(unet).named_parameters()}

@@ -110,9 +110,10 @@ def test_latent_size_follows_resolution(kit, tmp_path):
     (("--checkpointing_steps", "3"), "--checkpointing_steps 3 must be a multiple of --gradient_accumulation_steps 2"),
     (("--num_steps", "5"), "--num_steps 5 must be a multiple of --gradient_accumulation_steps 2"),
     (("--score", "aesthetic"), "invalid choice"),
-    (("--pretrained_model_name_or_path", "nobody/no-such-model"), "cannot load the tokenizer from 'nobody/no-such-model'"),
+    (("--pretrained_model_name_or_path", "nobody/no-such-model"), "cannot load the scheduler config of 'nobody/no-such-model'"),
     (("--train_dataset", "/no/such/folder"), "train dataset folder not found: /no/such/folder"),
-    (("--resume",), "--resume: no complete checkpoint"),
+    (("--resume", "/no/such/ckpt-4"), "--resume /no/such/ckpt-4: not a checkpoint folder"),
+    (("--resume", "--overwrite"), "--resume and --overwrite contradict each other"),
     (("--validation_steps", "2", "--validation_dataset", "/no/prompts"), "validation dataset folder not found: /no/prompts"),
     (("--pretrained_model_name_or_path", "/tmp"), "is not a diffusers pipeline folder"),
     (("--buffer_scheduler", "Euler"), "invalid choice"),
@@ -209,7 +210,7 @@ def test_config_file_for_train(kit, tmp_path):
     del cmd[i:i + 2]  # the file sets it
     run(cmd)
     with open(tmp_path / "log" / "training_config.json") as f:
-        config = json.load(f)
+        config = json.load(f)["runs"][-1]["args"]
     assert (config["resolution"], config["buffer_scheduler"], config["num_steps"]) == (48, "DDIM", 2)
     (tmp_path / "bad.yaml").write_text("buffer_sizee: 8\n")
     proc = run(train_cmd(kit, tmp_path / "log2", "--config", str(tmp_path / "bad.yaml")), ok=False)

@@ -1,5 +1,5 @@
 """Checkpoints: `<logdir>/ckpt-<step>/` with the inference weights (`ema/`, `unet/`), and for
-the newest `keep` of them also `state/`, everything needed to resume exactly (DESIGN §4).
+the newest `keep` of them also `state/`, everything needed to resume exactly (docs/design.md, "Checkpoints").
 
 Writes are atomic: a checkpoint is assembled in `<logdir>/.tmp-ckpt-<step>/` and renamed
 into place only when complete, so a crash mid-save leaves a temporary folder that resume
@@ -8,6 +8,12 @@ ignores, never a half checkpoint it would pick.
 import os
 import re
 import shutil
+
+import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
+
+from rpo.cli import UserError
 
 CKPT = re.compile(r"^ckpt-(\d+)$")
 
@@ -44,18 +50,24 @@ def begin(logdir, step):
     return path
 
 
-def commit(logdir, step, keep):
+def commit(logdir, step, keep, keep_weights=None):
     """Publish the temporary folder as `ckpt-<step>`, then drop `state/` from all but the
-    newest `keep` checkpoints (their weights stay: a full SD1.5 state is several GB)."""
+    newest `keep` checkpoints (their weights stay: a full SD1.5 state is several GB) and, with
+    `keep_weights`, delete all but the newest `keep_weights` checkpoints whole (diffusers'
+    meaning of a checkpoint limit)."""
     final = final_dir(logdir, step)
     if os.path.exists(final):  # a rerun of the same step (resumed from an older state)
         shutil.rmtree(final)
     os.replace(tmp_dir(logdir, step), final)
-    for _, path in list_checkpoints(logdir)[:-keep] if keep > 0 else []:
+    done = list_checkpoints(logdir)
+    for _, path in done[:-keep] if keep > 0 else []:
         marker = os.path.join(path, "state", "trainer.pt")
         if os.path.exists(marker):
             os.remove(marker)  # first the marker, so a crash mid-delete leaves no "resumable" half state
         shutil.rmtree(os.path.join(path, "state"), ignore_errors=True)
+    if keep_weights:
+        for _, path in done[:-keep_weights]:
+            shutil.rmtree(path, ignore_errors=True)
     return final
 
 
@@ -65,3 +77,63 @@ def clean_temporaries(logdir):
         for name in os.listdir(logdir):
             if name.startswith(".tmp-ckpt-"):
                 shutil.rmtree(os.path.join(logdir, name), ignore_errors=True)
+
+
+def write_model_folder(path, *, model, state_dict):
+    """`model`'s config and `state_dict` in the `from_pretrained` layout of a diffusers model.
+
+    Written by hand because `ModelMixin.save_pretrained` has no `state_dict` parameter: a
+    `state_dict=` keyword disappears into its `**kwargs` and the module's own weights are
+    written instead (how ckpt-N/ema once came to hold the raw weights). The keys must be
+    exactly the model's, so a partial or foreign state dict is refused, not written.
+    """
+    expected, given = set(model.state_dict()), set(state_dict)
+    if expected != given:
+        raise ValueError(f"write_model_folder {path}: keys differ from the model's "
+                         f"(missing {sorted(expected - given)[:3]}, unexpected {sorted(given - expected)[:3]})")
+    os.makedirs(path, exist_ok=True)
+    model.save_config(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, os.path.join(path, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def resolve_resume(logdir, resume):
+    """(step, path) of the checkpoint `--resume` names: `latest` (None when the logdir has no
+    resumable checkpoint) or a checkpoint folder holding `state/`."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        return latest_resumable(logdir)
+    path = os.path.normpath(resume)
+    m = CKPT.match(os.path.basename(path))
+    if not os.path.isdir(path) or m is None:
+        raise UserError(f"--resume {resume}: not a checkpoint folder (expected <logdir>/ckpt-N, or 'latest')")
+    if not os.path.isfile(os.path.join(path, "state", "trainer.pt")):
+        raise UserError(f"--resume {resume}: it holds no complete resumable state (state/trainer.pt); "
+                        "only the newest --checkpoints_total_limit checkpoints keep one")
+    return int(m.group(1)), path
+
+
+def check_fresh_logdir(logdir, overwrite):
+    """A fresh run must not mix with an old one: refuse a logdir holding checkpoints unless
+    `overwrite`, which deletes them (and the old validation images) first."""
+    old = list_checkpoints(logdir)
+    if not old:
+        return
+    if not overwrite:
+        raise UserError(f"--logdir {logdir} already holds checkpoints ({os.path.basename(old[-1][1])}): "
+                        "pass --resume to continue that run, --overwrite to delete it, or another --logdir")
+    for _, path in old:
+        shutil.rmtree(path)
+    shutil.rmtree(os.path.join(logdir, "images"), ignore_errors=True)
+
+
+def load_torch(path):
+    """`torch.load(weights_only=True)` of a state file, with one line naming a missing or
+    unreadable file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"--resume: {path} is missing") from None
+    except Exception as e:  # truncated or corrupt: torch raises RuntimeError, EOFError, UnpicklingError...
+        raise UserError(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

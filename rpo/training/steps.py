@@ -1,0 +1,110 @@
+"""The two steps of a Diffusion-DRO micro-step (docs/design.md, "Algorithm"), as library
+pieces a test can call in-process: `Refiller.refill` (roll out the current policy from expert
+captions and push the trajectories into the replay buffer) and `dro_micro_step` (sample
+pairs, one ranking-loss backward with accumulation, clipping and the optimizer step).
+
+Both take the changing state (`rpo.training.state.TrainState`) as an argument; what is fixed
+for the run (models, data, settings) is wired once into `Refiller`. Every random draw comes
+from the state's generators, so a resumed run repeats the same numbers.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rpo.diffusion.loss import STAT_KEYS
+from rpo.diffusion.objective import dro_loss
+from rpo.diffusion.rollout import rollout
+from rpo.diffusion.schedulers import make_timesteps
+from rpo.training.latents import sample_latents
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    scheduler: str            # one of rpo.diffusion.schedulers.SCHEDULERS
+    num_steps: int            # sampler steps per trajectory
+    batch_size: int           # prompts per rollout batch
+    batches_per_refill: int
+    min_trajectories: int     # an empty buffer is filled with at least this many (the pair batch size)
+    guidance_scale: float
+    perturb_timesteps: bool
+    drop_prompt_probability: float
+    resolution: int
+    latent_size: int
+    sdxl: bool = False
+    sync: bool = False        # all-gather every rank's trajectories into every buffer
+
+
+class Refiller:
+    def __init__(self, *, batches, text, vae, family, sampler, settings, accelerator, weight_dtype, moments=None):
+        self.batches, self.text, self.vae, self.family = batches, text, vae, family
+        self.sampler, self.settings, self.accelerator = sampler, settings, accelerator
+        self.weight_dtype, self.moments = weight_dtype, moments
+        self.device = accelerator.device
+        self.empty_embeds = text.encode([""]) if settings.guidance_scale != 1.0 else None
+
+    def refill(self, *, model, state):
+        """Roll `model` out from the next expert batches and push the trajectories."""
+        s = self.settings
+        n = s.batches_per_refill
+        if len(state.buffer) == 0:
+            n = max(math.ceil(s.min_trajectories / s.batch_size), n)
+        for _ in range(n):
+            batch = next(self.batches)
+            state.expert_batches_used += 1
+            fields = self.trajectories(model, batch, state)
+            if s.sync and self.accelerator.num_processes > 1:
+                fields = {k: self.accelerator.gather(v.contiguous()) for k, v in fields.items()}
+            state.buffer.push(**fields)
+
+    def expert_latents(self, batch, gen):
+        scale = self.vae.config.scaling_factor
+        if self.moments is not None:
+            return sample_latents(self.moments, batch["index"], batch["flipped"], gen) * scale
+        with torch.no_grad():
+            pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
+            return self.vae.encode(pixels).latent_dist.sample(generator=gen) * scale
+
+    def trajectories(self, model, batch, state):
+        """One rollout batch: the buffer fields of its trajectories."""
+        s, device, gen = self.settings, self.device, state.dev_gen
+        b = len(batch["caption"])
+        drop = torch.rand(b, generator=state.cpu_gen) < s.drop_prompt_probability
+        embeds, pooled = self.text.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
+        x0 = self.expert_latents(batch, gen)
+        x_T = torch.randn((b, model.config.in_channels, s.latent_size, s.latent_size), generator=gen, device=device)
+        grid = make_timesteps(s.scheduler, self.family.schedule, s.num_steps, b, s.perturb_timesteps,
+                              generator=state.cpu_gen, device=device)
+        extras, cond, neg_cond = {}, None, None
+        if s.sdxl:
+            # rollouts use the pipeline's default size conditioning, training the expert's own
+            res = s.resolution
+            default_ids = torch.tensor([res, res, 0, 0, res, res], device=device).repeat(b, 1)
+            cond = {"text_embeds": pooled, "time_ids": default_ids}
+            if self.empty_embeds is not None:
+                neg_cond = {"text_embeds": self.empty_embeds[1].expand(b, -1), "time_ids": default_ids}
+            extras = {"pooled_embeds": pooled,
+                      "time_ids": torch.cat([batch["original_size"], batch["crop_top_left"],
+                                             torch.tensor([[res, res]] * b)], 1).to(device)}
+        neg = self.empty_embeds[0].expand(b, -1, -1) if self.empty_embeds is not None else None
+        with self.accelerator.autocast():
+            traj = rollout(model, self.sampler, x_T, grid, embeds, s.guidance_scale, neg, cond, neg_cond, generator=gen)
+        return dict(prompt_embeds=embeds, x0=x0, t=traj.t, x_t=traj.x_t, eps=traj.eps, **extras)
+
+
+def dro_micro_step(*, accelerator, model, params, family, state, batch_size, optimizer, lr_scheduler,
+                   margin, hinge, max_grad_norm):
+    """Sample `batch_size` (expert, policy) pairs at shared timesteps, one ranking-loss
+    backward; at the end of an accumulation, clip and step. Returns the STAT_KEYS values."""
+    sample = state.buffer.sample(batch_size, generator=state.cpu_gen)
+    eps_expert = torch.randn(sample["x0"].shape, generator=state.dev_gen, device=accelerator.device)
+    with accelerator.accumulate(model):
+        loss, stats = dro_loss(model=model, reference=params.reference, family=family, sample=sample,
+                               eps_expert=eps_expert, margin=margin, hinge=hinge, autocast=accelerator.autocast)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for _, p in params.named_trainable()], max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return torch.stack([stats[k] for k in STAT_KEYS])
