@@ -215,3 +215,30 @@ def test_config_file_for_train(kit, tmp_path):
     (tmp_path / "bad.yaml").write_text("buffer_sizee: 8\n")
     proc = run(train_cmd(kit, tmp_path / "log2", "--config", str(tmp_path / "bad.yaml")), ok=False)
     assert proc.returncode == 2 and "unknown option 'buffer_sizee'" in proc.stderr
+
+
+def test_resume_latest_logdir_rules_and_run_log(kit, tmp_path):
+    import json
+    log = tmp_path / "log"
+    common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--buffer_update_steps", "2")
+    # --resume latest on an empty logdir: a fresh start, and it says so
+    proc = run(train_cmd(kit, log, "--num_steps", "4", "--resume", "latest", "--checkpoints_keep_weights", "1", *common))
+    assert "starting fresh" in proc.stdout + proc.stderr
+    # diffusers' meaning of a limit: ckpt-2 deleted whole, ckpt-4 kept
+    assert not (log / "ckpt-2").exists() and (log / "ckpt-4" / "ema").exists()
+    # a fresh run into a logdir with checkpoints is refused, and nothing is touched
+    before = sorted(os.listdir(log))
+    proc = run(train_cmd(kit, log, "--num_steps", "4", *common), ok=False)
+    assert proc.returncode == 2 and "already holds checkpoints (ckpt-4)" in proc.stderr and "--overwrite" in proc.stderr
+    assert sorted(os.listdir(log)) == before
+    # --resume with the checkpoint's path continues it; the run log records both starts
+    run(train_cmd(kit, log, "--num_steps", "6", "--resume", str(log / "ckpt-4"), *common))
+    with open(log / "training_config.json") as f:
+        runs = json.load(f)["runs"]
+    assert [r["resumed_from"] for r in runs] == [None, str(log / "ckpt-4")]
+    assert [r["args"]["num_steps"] for r in runs] == [4, 6]
+    # --overwrite starts again from scratch: the old checkpoints are gone
+    run(train_cmd(kit, log, "--num_steps", "2", "--overwrite", *common))
+    assert sorted(n for n in os.listdir(log) if n.startswith("ckpt-")) == ["ckpt-2"]
+    with open(log / "training_config.json") as f:
+        assert len(json.load(f)["runs"]) == 1
