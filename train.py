@@ -26,7 +26,7 @@ from rpo.data.folders import ExpertBatches, ExpertDataset, PromptDataset
 from rpo.diffusion.family import UNetFamily, read_schedule_config
 from rpo.diffusion.loss import STAT_KEYS as STATS
 from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler
-from rpo.generate import SCHEDULERS as STOCK_SCHEDULERS
+from rpo.generate import SCHEDULERS as STOCK_SCHEDULERS, check_unet_path
 from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
 from rpo.scores import load_scorer
 from rpo.training import checkpoint
@@ -38,7 +38,7 @@ from rpo.training.steps import Refiller, RolloutSettings, dro_micro_step
 from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator
 
 # Options that must not change across a resume: they shape the state being restored.
-RESUME_INVARIANTS = ("pretrained_model_name_or_path", "sdxl", "train_dataset", "resolution", "batch_size",
+RESUME_INVARIANTS = ("pretrained_model_name_or_path", "unet", "reference_unet", "sdxl", "train_dataset", "resolution", "batch_size",
                      "gradient_accumulation_steps", "buffer_size", "buffer_batch_size", "buffer_num_inference_steps",
                      "buffer_sync", "seed", "use_ema", "mixed_precision", "fp32_master_weights")
 
@@ -50,6 +50,9 @@ def build_parser():
     a("--seed", type=int, default=0, help="each rank uses seed + rank; also the base seed of validation images")
     a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or local diffusers pipeline folder")
     a("--variant", default=None, help="file variant (e.g. fp16) of every component")
+    a("--unet", default=None, help="UNet folder (or hub id) to start the trainable and rollout models from, e.g. an SFT "
+                                   "checkpoint's ckpt-N/ema; None: the pipeline's UNet")
+    a("--reference_unet", default=None, help="UNet folder (or hub id) of the frozen reference; None: the pipeline's UNet")
     flag(p, "sdxl", False, "the SDXL path (two text encoders, size conditioning)")
     a("--vae", default=None, help="VAE to use instead of the pipeline's (SDXL default: madebyollin/sdxl-vae-fp16-fix)")
     a("--train_dataset", default="./data/pickapicv2_hpsv2_500", help="expert folder dataset")
@@ -154,6 +157,8 @@ def main():
     experts = ExpertDataset(args.train_dataset, args.resolution, args.random_flip, args.random_crop)
     prompts = PromptDataset(args.validation_dataset, what="validation dataset") if args.validation_steps else None
     check_pipeline_folder(args.pretrained_model_name_or_path)
+    check_unet_path(args.unet, what="--unet")
+    check_unet_path(args.reference_unet, what="--reference_unet")
     schedule, _ = read_schedule_config(args.pretrained_model_name_or_path)
     resume_from = checkpoint.resolve_resume(args.logdir, args.resume)
     trainer = read_trainer(resume_from[1]) if resume_from else None
@@ -188,14 +193,16 @@ def main():
     family = UNetFamily(schedule, sdxl=args.sdxl)
     text = load_text_encoders(source, args.sdxl, args.variant, weight_dtype).to(device)
     vae = load_vae(source, args.sdxl, args.variant, weight_dtype, vae=args.vae).to(device)
-    unet = load_unet(source, "unet", args.variant, train_dtype, what="trainable UNet").to(device)
-    reference = load_unet(source, "unet", args.variant, weight_dtype, what="reference UNet").requires_grad_(False).to(device)
+    def load(path, dtype, what):  # a UNet folder of its own, or the pipeline's
+        return load_unet(path, None, None, dtype, what=what) if path else load_unet(source, "unet", args.variant, dtype, what=what)
+    unet = load(args.unet, train_dtype, "trainable UNet (--unet)").to(device)
+    reference = load(args.reference_unet, weight_dtype, "reference UNet").requires_grad_(False).to(device)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     # A lagging rollout model needs its own copy; see rpo/training/parametrisation.py.
     lagging = args.gradient_accumulation_steps % args.buffer_update_steps != 0
-    rollout_copy = load_unet(source, "unet", args.variant, weight_dtype, what="rollout UNet").requires_grad_(False).to(device) if lagging else None
+    rollout_copy = load(args.unet, weight_dtype, "rollout UNet").requires_grad_(False).to(device) if lagging else None
     params = FullFineTune(trainable=unet, reference=reference, rollout=rollout_copy)
     latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # from --resolution (docs/upstream.md, defect 11)
     if args.buffer_num_inference_steps > family.num_train_timesteps:
