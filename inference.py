@@ -25,7 +25,11 @@ from rpo.models import check_pipeline_folder
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    p.add_argument("--revision", type=str, default=None, required=False,
+                   help="Revision of pretrained model identifier from huggingface.co/models.")
     p.add_argument("--variant", default=None, help="file variant of the pipeline's weights, e.g. fp16")
+    p.add_argument("--cache_dir", type=str, default=None,
+                   help="The directory where the downloaded models and datasets will be stored.")
     flag(p, "sdxl", False, "the pipeline is Stable Diffusion XL")
     p.add_argument("--unet", default=None,
                    help="fine-tuned UNet: a save_pretrained folder such as <logdir>/ckpt-N/ema, or a hub id; "
@@ -79,7 +83,8 @@ def settings_of(args, pipe, resolution, num_prompts):
     def model(path):
         return os.path.realpath(path) if path is not None and os.path.exists(path) else path
     return {
-        "pretrained_model_name_or_path": model(args.pretrained_model_name_or_path), "variant": args.variant,
+        "pretrained_model_name_or_path": model(args.pretrained_model_name_or_path), "revision": args.revision,
+        "variant": args.variant,
         "sdxl": args.sdxl, "unet": model(args.unet), "unet_subfolder": args.unet_subfolder,
         "unet_variant": args.unet_variant, "scheduler": type(pipe.scheduler).__name__,
         "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
@@ -94,7 +99,7 @@ def main(argv=None):
     # Cheap checks first: bad paths fail in the first second, before any weight loads.
     captions = [item.caption for item in PromptDataset(args.test_dataset_root, what="--test_dataset_root").items]
     generate.check_unet_path(args.unet, args.unet_subfolder)
-    check_pipeline_folder(args.pretrained_model_name_or_path)
+    check_pipeline_folder(args.pretrained_model_name_or_path, sdxl=args.sdxl)
     generate.check_output(args.output)
     generate.check_captions(args.output, captions)
 
@@ -105,7 +110,8 @@ def main(argv=None):
     pipe = generate.load_pipeline(
         args.pretrained_model_name_or_path, sdxl=args.sdxl, variant=args.variant, unet=args.unet,
         unet_subfolder=args.unet_subfolder, unet_variant=args.unet_variant,
-        dtype=generate.DTYPES[args.mixed_precision], safety_checker=args.safety_checker)
+        dtype=generate.DTYPES[args.mixed_precision], safety_checker=args.safety_checker,
+        revision=args.revision, cache_dir=args.cache_dir)
     pipe.scheduler = generate.make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(state.device)
     resolution = args.resolution or generate.default_resolution(pipe)

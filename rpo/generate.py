@@ -12,6 +12,7 @@ The work list holds only images that are missing, so an interrupted run resumes 
 stopped; PNGs are written under a temporary name and renamed, so an image that exists
 under its final name is complete.
 """
+import inspect
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from rpo.cli import UserError
-from rpo.models import from_pretrained, load_unet, load_vae
+from rpo.models import from_pretrained, hub_options, load_tokenizer, load_unet, load_vae
 
 # Stock diffusers samplers; "SDXL" is the public code's name for Euler (EulerDiscrete).
 SCHEDULERS = {
@@ -43,12 +44,20 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG
 
 # --------------------------------------------------------------------------- the pipeline
 def make_scheduler(name, config):
+    """A stock sampler on the pipeline's noise schedule (betas, prediction type, spacing).
+
+    A config without `clip_sample` (PNDM and Euler have no such option, so diffusers saves
+    none) must not switch clipping on: DDPM and DDIM default to clipping the predicted x0
+    to [-1, 1], which no Stable Diffusion latent is trained for.
+    """
     if name not in SCHEDULERS:
         raise UserError(f"--scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
-    return SCHEDULERS[name].from_config(config)
+    cls = SCHEDULERS[name]
+    clips = "clip_sample" in inspect.signature(cls.__init__).parameters  # DDPM, DDIM; never pass it to others
+    return cls.from_config(config, **({"clip_sample": False} if clips and "clip_sample" not in config else {}))
 
 
-def check_unet_path(unet, subfolder=None):
+def check_unet_path(unet, subfolder=None, what="--unet"):
     """Refuse a local `--unet` that is not a UNet folder, before anything loads.
 
     A string that does not exist locally is taken as a hub id only if it looks like one
@@ -58,7 +67,7 @@ def check_unet_path(unet, subfolder=None):
         return
     if not os.path.exists(unet):
         if unet.startswith((".", "/", "~")) or unet.count("/") != 1:
-            raise UserError(f"--unet: no such folder: {unet}")
+            raise UserError(f"{what}: no such folder: {unet}")
         return
     where = os.path.join(unet, subfolder) if subfolder else unet
     if not os.path.isfile(os.path.join(where, "config.json")):
@@ -67,12 +76,17 @@ def check_unet_path(unet, subfolder=None):
             if os.path.isfile(os.path.join(where, inner, "config.json")):
                 hint = f" (did you mean {os.path.join(where, inner)}?)"
                 break
-        raise UserError(f"--unet {where} is not a UNet folder (no config.json){hint}")
+        raise UserError(f"{what} {where} is not a UNet folder (no config.json){hint}")
 
 
 def load_pipeline(source, sdxl=False, variant=None, unet=None, unet_subfolder=None, unet_variant=None,
-                  dtype=torch.float32, safety_checker=False):
-    """The stock diffusers pipeline, with `unet` (a folder or hub id) in place of the base UNet."""
+                  dtype=torch.float32, safety_checker=False, *, revision=None, cache_dir=None):
+    """The stock diffusers pipeline, with `unet` (a folder or hub id) in place of the base UNet.
+
+    The tokenizers load first, checked against their text encoders' configs as training
+    loads them (rpo.models.load_tokenizer), and are handed to the pipeline. `revision` is
+    the pipeline's; a `unet` from elsewhere gets only `cache_dir`.
+    """
     if sdxl and safety_checker:
         raise UserError("--safety_checker: the SDXL pipeline has no safety checker")
     index = os.path.join(source, "model_index.json")
@@ -82,11 +96,16 @@ def load_pipeline(source, sdxl=False, variant=None, unet=None, unet_subfolder=No
         if is_sdxl != sdxl:
             raise UserError(f"--pretrained_model_name_or_path {source} is {'an SDXL' if is_sdxl else 'an SD1.5'} "
                             f"pipeline: pass {'--sdxl' if is_sdxl else '--no-sdxl'}")
-    kwargs = {"dtype": dtype, "vae": load_vae(source, sdxl=sdxl, variant=variant, dtype=dtype)}
+    hub = hub_options(revision, cache_dir)
+    kwargs = {"tokenizer": load_tokenizer(source, **hub), **hub}
+    if sdxl:
+        kwargs["tokenizer_2"] = load_tokenizer(source, "tokenizer_2", "text_encoder_2", **hub)
+    kwargs.update(dtype=dtype, vae=load_vae(source, sdxl=sdxl, variant=variant, dtype=dtype, **hub))
     if variant:
         kwargs["variant"] = variant
     if unet is not None:
-        kwargs["unet"] = load_unet(unet, subfolder=unet_subfolder, variant=unet_variant, dtype=dtype, what="--unet")
+        kwargs["unet"] = load_unet(unet, subfolder=unet_subfolder, variant=unet_variant, dtype=dtype, what="--unet",
+                                   cache_dir=cache_dir)
     if sdxl:
         # The invisible watermark would alter pixels depending on an optional package.
         pipe = from_pretrained(StableDiffusionXLPipeline, source, "SDXL pipeline", add_watermarker=False, **kwargs)

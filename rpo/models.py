@@ -2,23 +2,34 @@
 
 Hub ids stay the defaults; a local folder in the diffusers layout (what `python -m
 rpo.tiny sd15 OUT` writes) goes through exactly the same `from_pretrained` calls. A model
-that cannot be found (no network, a typo, a folder that is not a pipeline) becomes one
-`UserError` line saying what was needed and how to pass a local path.
+that cannot be found (no network, a typo, a folder that is not a pipeline, a single-file
+checkpoint) becomes one `UserError` line saying what was needed and how to fix it.
+`revision` and `cache_dir` mean what they mean to diffusers and transformers, and reach
+every `from_pretrained` call (only when set, so the libraries' defaults stay theirs).
 """
+import json
 import os
+import shlex
 from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from rpo.cli import UserError
 
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 
 
-def from_pretrained(cls, source, what, **kwargs):
+def hub_options(revision=None, cache_dir=None):
+    """The hub keywords that are set: diffusers' ModelMixin/DiffusionPipeline and
+    transformers' models, configs and tokenizers all take `revision` and `cache_dir`."""
+    return {k: v for k, v in (("revision", revision), ("cache_dir", cache_dir)) if v is not None}
+
+
+def from_pretrained(cls, source, what, *, revision=None, cache_dir=None, **kwargs):
     """`cls.from_pretrained(source, **kwargs)`, with a one-line error when it is missing."""
+    kwargs.update(hub_options(revision, cache_dir))
     subfolder = kwargs.get("subfolder")
     if os.path.isdir(source):
         where = os.path.join(source, subfolder) if subfolder else source
@@ -36,17 +47,53 @@ def from_pretrained(cls, source, what, **kwargs):
         ) from None
 
 
-def check_tokenizer(tokenizer, source):
-    # transformers 5 offline may hand back a 2-5 token tokenizer instead of raising
-    # (ENVIRONMENT.md, traps): a real CLIP vocabulary has 49,408 entries.
-    if len(tokenizer) < 1000:
-        raise UserError(f"cannot load the tokenizer from '{source}': got {len(tokenizer)} tokens, its files are missing "
-                        "(no network?). Download the model on a connected machine (`hf download <id>`) and pass the local folder instead.")
+# A tokenizer folder holds the BPE vocabulary and merges, or the `tokenizers` file (or both).
+TOKENIZER_FILES = (("vocab.json", "merges.txt"), ("tokenizer.json",))
+DOWNLOAD_HINT = "Download the model on a connected machine (`hf download <id>`) and pass the local folder instead."
+
+
+def check_tokenizer(tokenizer, source, vocab_size=None, subfolder="tokenizer"):
+    """Refuse a tokenizer that cannot encode captions for a text encoder of `vocab_size` rows.
+
+    transformers 5, offline and without the files, may hand back a stand-in instead of
+    raising: a tokenizer of 2-5 special tokens only, which turns every caption into
+    unknown tokens. Any vocabulary size is fine otherwise (a byte-level one has 514), as
+    long as the text encoder has an embedding row for every id the tokenizer can give.
+    """
+    where = f"'{source}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    if not set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens):
+        raise UserError(f"cannot load the tokenizer from {where}: got {len(tokenizer)} special tokens only, its files are "
+                        f"missing (no network?). {DOWNLOAD_HINT}")
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise UserError(f"the tokenizer from {where} has {len(tokenizer)} tokens, but its text encoder embeds only "
+                        f"{vocab_size}: they come from different models")
     return tokenizer
 
 
-def load_unet(source, subfolder=None, variant=None, dtype=torch.float32, what="UNet"):
-    kwargs = {"dtype": dtype}
+def check_tokenizer_files(source, subfolder):
+    """For a local folder: the tokenizer's files are there (checked before anything loads)."""
+    if not os.path.isdir(source):
+        return
+    folder = os.path.join(source, subfolder)
+    if not any(all(os.path.isfile(os.path.join(folder, name)) for name in group) for group in TOKENIZER_FILES):
+        raise UserError(f"{folder} holds no tokenizer files (vocab.json and merges.txt, or tokenizer.json)")
+
+
+def load_tokenizer(source, subfolder="tokenizer", encoder_subfolder="text_encoder", *, revision=None, cache_dir=None):
+    """The pipeline's CLIP tokenizer, checked against its text encoder's config.
+
+    Reads `<encoder_subfolder>/config.json` only (no weights), so a mismatch fails before
+    anything large loads. Every entry point (training, inference) loads tokenizers here.
+    """
+    hub = hub_options(revision, cache_dir)
+    check_tokenizer_files(source, subfolder)
+    config = from_pretrained(CLIPTextConfig, source, "text encoder config", subfolder=encoder_subfolder, **hub)
+    tokenizer = from_pretrained(CLIPTokenizer, source, subfolder.replace("_", " "), subfolder=subfolder, **hub)
+    return check_tokenizer(tokenizer, source, config.vocab_size, subfolder)
+
+
+def load_unet(source, subfolder=None, variant=None, dtype=torch.float32, what="UNet", *, revision=None, cache_dir=None):
+    kwargs = {"dtype": dtype, **hub_options(revision, cache_dir)}
     if subfolder:
         kwargs["subfolder"] = subfolder
     if variant:
@@ -87,12 +134,14 @@ class TextEncoders:
         return torch.cat(hidden, dim=-1), pooled
 
 
-def load_text_encoders(source, sdxl=False, variant=None, dtype=torch.float32):
-    kw = {"variant": variant} if variant else {}
-    tokenizers = [check_tokenizer(from_pretrained(CLIPTokenizer, source, "tokenizer", subfolder="tokenizer"), source)]
+def load_text_encoders(source, sdxl=False, variant=None, dtype=torch.float32, *, revision=None, cache_dir=None):
+    hub = hub_options(revision, cache_dir)
+    kw = {"variant": variant, **hub} if variant else hub
+    tokenizers = [load_tokenizer(source, **hub)]
+    if sdxl:  # both tokenizers are checked before either encoder's weights load
+        tokenizers.append(load_tokenizer(source, "tokenizer_2", "text_encoder_2", **hub))
     encoders = [from_pretrained(CLIPTextModel, source, "text encoder", subfolder="text_encoder", dtype=dtype, **kw)]
     if sdxl:
-        tokenizers.append(check_tokenizer(from_pretrained(CLIPTokenizer, source, "tokenizer 2", subfolder="tokenizer_2"), source))
         encoders.append(from_pretrained(CLIPTextModelWithProjection, source, "text encoder 2",
                                         subfolder="text_encoder_2", dtype=dtype, **kw))
     for encoder in encoders:
@@ -100,19 +149,60 @@ def load_text_encoders(source, sdxl=False, variant=None, dtype=torch.float32):
     return TextEncoders(tokenizers, encoders, sdxl)
 
 
-def load_vae(source, sdxl=False, variant=None, dtype=torch.float32, vae=None):
-    """The pipeline's VAE; for SDXL the fp16-fix VAE (as the public code), unless `vae` names another."""
+def load_vae(source, sdxl=False, variant=None, dtype=torch.float32, vae=None, *, revision=None, cache_dir=None):
+    """The pipeline's VAE; for SDXL the fp16-fix VAE (as the public code), unless `vae` names another.
+
+    `revision` is the pipeline's: a separate `vae` repository gets only `cache_dir`."""
     if vae is None and sdxl and not os.path.isdir(source):
         vae = SDXL_VAE
     if vae is not None:
-        model = from_pretrained(AutoencoderKL, vae, "VAE", dtype=dtype)
+        model = from_pretrained(AutoencoderKL, vae, "VAE", dtype=dtype, cache_dir=cache_dir)
     else:
         kw = {"variant": variant} if variant else {}
-        model = from_pretrained(AutoencoderKL, source, "VAE", subfolder="vae", dtype=dtype, **kw)
+        model = from_pretrained(AutoencoderKL, source, "VAE", subfolder="vae", dtype=dtype, revision=revision,
+                                cache_dir=cache_dir, **kw)
     return model.requires_grad_(False).eval()
 
 
-def check_pipeline_folder(source):
-    """Refuse early a local path that is not a diffusers pipeline (before any weight loads)."""
+SINGLE_FILE_EXTENSIONS = (".safetensors", ".ckpt")
+
+
+def single_file_is_sdxl(path, sdxl):
+    """SDXL or not, from a .safetensors header (only the key names are read): SDXL's
+    original checkpoints hold a second text encoder under `conditioner.embedders.1.`.
+    A .ckpt is a pickle that would have to load whole; trust `sdxl` for it."""
+    if path.lower().endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(path, framework="pt") as f:
+                return any(key.startswith("conditioner.embedders.1.") for key in f.keys())
+        except (OSError, SafetensorError):  # not a readable safetensors file: the conversion will say so
+            pass
+    return sdxl
+
+
+def conversion_command(path, sdxl=False):
+    """The exact command that turns a single-file checkpoint into a diffusers folder."""
+    cls = "StableDiffusionXLPipeline" if single_file_is_sdxl(path, sdxl) else "StableDiffusionPipeline"
+    out = os.path.splitext(path)[0] + "_diffusers"
+    # JSON string literals are Python literals too, and double-quoted: shlex.quote then
+    # wraps the code in plain single quotes (for any path without a single quote)
+    code = f"from diffusers import {cls}; {cls}.from_single_file({json.dumps(path)}).save_pretrained({json.dumps(out)})"
+    return f"python -c {shlex.quote(code)}", out
+
+
+def check_pipeline_folder(source, sdxl=False):
+    """Refuse early a local path that is not a diffusers pipeline (before any weight loads).
+
+    A single-file checkpoint (.safetensors/.ckpt, the original Stable Diffusion format)
+    gets the one command that converts it; diffusers' `from_single_file` needs the
+    network once, for the base model's configs.
+    """
+    if os.path.isfile(source) or (source.lower().endswith(SINGLE_FILE_EXTENSIONS) and not os.path.isdir(source)):
+        if not os.path.exists(source):
+            raise UserError(f"--pretrained_model_name_or_path {source}: no such file")
+        command, out = conversion_command(source, sdxl)
+        raise UserError(f"--pretrained_model_name_or_path {source} is a single-file checkpoint; convert it to a diffusers "
+                        f"folder once with: {command} and pass --pretrained_model_name_or_path {shlex.quote(out)}")
     if os.path.exists(source) and not os.path.isfile(os.path.join(source, "model_index.json")):
         raise UserError(f"--pretrained_model_name_or_path {source} is not a diffusers pipeline folder (no model_index.json)")

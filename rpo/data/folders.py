@@ -1,10 +1,22 @@
 """Folder datasets: a root with one sub-folder per item, holding `caption.txt` and,
 for image datasets, one image. Items sort by folder name.
 
-`scan` checks the whole layout up front (missing root, empty root, a folder without
-caption or image, an unreadable image) so that a script fails in its first second with
-the path in the message, never hours later inside a DataLoader worker.
+Expert images may also come as users keep them (`ExpertDataset`):
+- an image folder with `metadata.jsonl` or `metadata.csv` at its root, the `datasets`
+  "imagefolder" convention: a `file_name` column (relative to the folder) and a caption
+  column (default `text`); items sort by file name;
+- a dataset `datasets.load_dataset` reads (a hub id, a local data folder) or a
+  `save_to_disk` folder, with its `image_column` and `caption_column` (diffusers'
+  train_text_to_image.py spelling and defaults); split `train`, items in row order.
+
+`scan` (and its two siblings for the other sources) checks the whole layout up front
+(missing root, empty root, a folder without caption or image, an unreadable image) so
+that a script fails in its first second with the path in the message, never hours later
+inside a DataLoader worker. `to_rgb` is the one conversion of any image to 8-bit RGB.
 """
+import csv
+import io
+import json
 import os
 from dataclasses import dataclass
 
@@ -15,13 +27,34 @@ from PIL import Image, UnidentifiedImageError
 from rpo.cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how Pillow opens 16-bit grayscale PNG/TIFF
 
 
 @dataclass
 class Item:
-    name: str        # the folder's name, e.g. "0042"
+    name: str        # the folder's name, e.g. "0042"; an imagefolder's file_name; a dataset's row number
     caption: str     # caption.txt, stripped
-    image: str       # path of the item's image ("" for prompt-only datasets)
+    image: str       # path of the item's image ("" for prompt-only datasets; "<dataset>[row]" for a dataset's)
+
+
+def to_rgb(image):
+    """An 8-bit RGB copy of a PIL image of any mode.
+
+    `Image.convert("RGB")` clips 16-bit values at 255, so a 16-bit PNG comes out nearly
+    white; here they are scaled instead: v -> round(v * 255 / 65535), which maps 0, 257 k
+    and 65535 to 0, k and 255. Pixels with an alpha channel (RGBA, LA, PA, or a palette or
+    RGB image with a transparent colour) are composited over white, the background a
+    viewer shows, rather than keeping whatever colour a transparent pixel happens to hold.
+    Everything else (L, P, 1, CMYK, YCbCr, ...) is Pillow's own conversion.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def list_images(folder):
@@ -40,13 +73,14 @@ def read_caption(folder):
         return f.read().strip()
 
 
-def check_image(path):
-    """Decode `path` fully (not just the header), so truncated files are caught here."""
+def check_image(path, name=None):
+    """Decode `path` (a file, or bytes named `name`) fully, not just the header, so
+    truncated files are caught here."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise UserError(f"unreadable image {path}: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"unreadable image {name or path}: {e}".splitlines()[0]) from None
 
 
 def scan(root, need_image, check_images=True, what="dataset"):
@@ -72,10 +106,134 @@ def scan(root, need_image, check_images=True, what="dataset"):
     return items
 
 
+def scan_imagefolder(root, caption_column="text", check_images=True, what="train dataset"):
+    """Validate an image folder described by metadata.jsonl/metadata.csv; items sorted by file name."""
+    found = [name for name in METADATA_FILES if os.path.isfile(os.path.join(root, name))]
+    if len(found) > 1:
+        raise UserError(f"{what} {root} holds both {found[0]} and {found[1]}: keep one")
+    path = os.path.join(root, found[0])
+    rows = read_metadata(path)
+    if not rows:
+        raise UserError(f"{what} is empty: {path} has no rows")
+    for column in ("file_name", caption_column):
+        if column not in rows[0][1]:
+            raise UserError(f"{path} has no '{column}' column (it has {', '.join(map(repr, rows[0][1]))})"
+                            + (": pass --caption_column" if column == caption_column else ""))
+    items, seen = [], set()
+    for line, row in rows:
+        name = row.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise UserError(f"{path}, line {line}: no file_name")
+        if name in seen:
+            raise UserError(f"{path}, line {line}: {name} is listed twice")
+        seen.add(name)
+        image = os.path.normpath(os.path.join(root, name))
+        if not os.path.isfile(image):
+            raise UserError(f"{path}, line {line}: no such image: {image}")
+        caption = row.get(caption_column)
+        if not isinstance(caption, str):
+            raise UserError(f"{path}, line {line}: the '{caption_column}' of {name} is not a text ({caption!r:.60})")
+        if check_images:
+            check_image(image)
+        items.append(Item(name, caption.strip(), image))
+    return sorted(items, key=lambda item: item.name)
+
+
+def read_metadata(path):
+    """[(line number, row dict)] of a metadata.jsonl (one JSON object per line) or a
+    metadata.csv (a header line, then one row per line)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.endswith(".csv"):
+                reader = csv.DictReader(f)
+                return [(reader.line_num, row) for row in reader]
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{path}, line {number}: not JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}, line {number}: not a JSON object")
+                rows.append((number, row))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"unreadable {path}: {e}".splitlines()[0]) from None
+    return rows
+
+
+def load_hf_dataset(name, image_column="image", caption_column="text", cache_dir=None):
+    """The `train` split of `name`, only its two columns, the image column left undecoded
+    ({bytes, path}) so that images decode here, by row, with `to_rgb`."""
+    import datasets
+
+    try:
+        if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+            data = datasets.load_from_disk(name)  # a save_to_disk folder: load_dataset does not read those
+            if isinstance(data, datasets.DatasetDict):
+                if "train" not in data:
+                    raise UserError(f"--train_dataset_name {name} has no 'train' split (it has {', '.join(data)})")
+                data = data["train"]
+        else:
+            data = datasets.load_dataset(name, split="train", cache_dir=cache_dir)
+    except UserError:
+        raise
+    except Exception as e:  # load_dataset raises many types (not found, offline, no such split, bad files)
+        hint = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+        raise UserError(f"cannot load --train_dataset_name {name}: {hint}") from None
+    for column, flag_name in ((image_column, "--image_column"), (caption_column, "--caption_column")):
+        if column not in data.column_names:
+            raise UserError(f"--train_dataset_name {name} has no column '{column}' (it has "
+                            f"{', '.join(map(repr, data.column_names))}): pass {flag_name}")
+    if isinstance(data.features[image_column], datasets.Image):
+        data = data.cast_column(image_column, datasets.Image(decode=False))
+    return data.select_columns([image_column, caption_column])
+
+
+def row_image(value):
+    """A cell of an image column: encoded bytes, or a path (what an undecoded image holds)."""
+    if isinstance(value, dict):
+        return value.get("bytes") or value.get("path")
+    return value
+
+
+def row_caption(value):
+    """A caption cell: a text, or a list of texts (then the first, as diffusers'
+    train_text_to_image.py does outside training: a random pick would change with the run)."""
+    if isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return value.strip() if isinstance(value, str) else None
+
+
+def scan_hf_dataset(data, name, image_column, caption_column, check_images=True):
+    """Validate every row of a `load_hf_dataset` table; items in row order."""
+    if len(data) == 0:
+        raise UserError(f"--train_dataset_name {name}: the train split is empty")
+    items = []
+    width = len(str(len(data) - 1))
+    for row, values in enumerate(data):
+        where = f"{name}[{row}]"
+        caption = row_caption(values[caption_column])
+        if caption is None:
+            raise UserError(f"{where}: the '{caption_column}' is not a text ({values[caption_column]!r:.60})")
+        image = row_image(values[image_column])
+        if not isinstance(image, (bytes, str)) or not image:
+            raise UserError(f"{where}: the '{image_column}' holds no image ({type(values[image_column]).__name__})")
+        if check_images:
+            check_image(image, where)
+        items.append(Item(f"{row:0{width}d}", caption, where))
+    return items
+
+
 class ExpertDataset(torch.utils.data.Dataset):
     """Expert (image, caption) pairs for training, transformed as the paper's code (basiclab/DiffusionDRO) does:
-    RGB, resize the shorter side to `resolution` (bilinear, antialiased), optional
-    horizontal flip, centre or random square crop, scale to [-1, 1].
+    RGB (`to_rgb`), resize the shorter side to `resolution` (bilinear, antialiased),
+    optional horizontal flip, centre or random square crop, scale to [-1, 1].
+
+    `root` is a folder dataset or an image folder with metadata; or pass `dataset_name`
+    (with `root=None`) for a `datasets` dataset (module docstring). Each source is checked
+    whole when the dataset is built, before any model loads.
 
     Each item also reports the original size and crop corner: SDXL conditions on them.
     An item is asked for by `index` or by `(index, seed)`: the seed alone decides flip and
@@ -83,12 +241,29 @@ class ExpertDataset(torch.utils.data.Dataset):
     resume exact (see `ExpertBatches`).
     """
 
-    def __init__(self, root, resolution, random_flip=True, random_crop=False, check_images=True):
-        self.items = scan(root, need_image=True, check_images=check_images, what="train dataset")
+    def __init__(self, root, resolution, random_flip=True, random_crop=False, check_images=True, *,
+                 dataset_name=None, image_column="image", caption_column="text", cache_dir=None):
+        self.data, self.image_column = None, image_column  # data: the `datasets` table, if the images come from one
+        if dataset_name is not None:
+            if root is not None:
+                raise UserError("pass either a train dataset folder or --train_dataset_name, not both")
+            self.data = load_hf_dataset(dataset_name, image_column, caption_column, cache_dir)
+            self.items = scan_hf_dataset(self.data, dataset_name, image_column, caption_column, check_images)
+        elif root and os.path.isdir(root) and any(os.path.isfile(os.path.join(root, f)) for f in METADATA_FILES):
+            self.items = scan_imagefolder(root, caption_column, check_images)
+        else:
+            self.items = scan(root, need_image=True, check_images=check_images, what="train dataset")
         self.resolution = resolution
         self.random_flip = random_flip
         self.random_crop = random_crop
         self.load_pixels = True  # False: captions, flips and sizes only (with cached latents)
+
+    def open_image(self, index):
+        """Item `index`'s image, opened (decoded on first use)."""
+        if self.data is None:
+            return Image.open(self.items[index].image)
+        image = row_image(self.data[index][self.image_column])
+        return Image.open(io.BytesIO(image) if isinstance(image, bytes) else image)
 
     def __len__(self):
         return len(self.items)
@@ -102,10 +277,10 @@ class ExpertDataset(torch.utils.data.Dataset):
     def load(self, index, flip, rng=None):
         """Item `index`, mirrored or not; `rng` draws the random crop corner."""
         item = self.items[index]
-        with Image.open(item.image) as image:
+        with self.open_image(index) as image:
             original_size = (image.height, image.width)
             if self.load_pixels:
-                image = image.convert("RGB")
+                image = to_rgb(image)
         scale = self.resolution / min(original_size)
         size = (max(self.resolution, round(original_size[1] * scale)), max(self.resolution, round(original_size[0] * scale)))
         max_top, max_left = size[1] - self.resolution, size[0] - self.resolution
