@@ -54,8 +54,10 @@ def thumbnail_uri(path, size=THUMBNAIL_SIZE, quality=JPEG_QUALITY):
     """The image as a data URI of a JPEG at most `size` px on its longest side."""
     from PIL import Image
 
+    from rpo.data.folders import to_rgb
+
     with Image.open(path) as image:
-        image = image.convert("RGB")
+        image = to_rgb(image)
     image.thumbnail((size, size))
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, optimize=True)

@@ -10,12 +10,14 @@ import io
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from rpo.data.folders import to_rgb
+
 
 def decode_image(source):
     """A fully decoded RGB image from encoded bytes or a file path."""
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
         image.load()  # decode now: a truncated file fails here, not later
-        return image.convert("RGB")
+        return to_rgb(image)  # 16-bit scaled, not clipped; alpha over white
 
 
 class _Decoded(torch.utils.data.Dataset):
