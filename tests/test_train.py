@@ -242,3 +242,51 @@ def test_resume_latest_logdir_rules_and_run_log(kit, tmp_path):
     assert sorted(n for n in os.listdir(log) if n.startswith("ckpt-")) == ["ckpt-2"]
     with open(log / "training_config.json") as f:
         assert len(json.load(f)["runs"]) == 1
+
+
+def flip_bytes(path, offset=4096, count=4096):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = bytearray(f.read(count))
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def test_corrupted_state_is_refused_and_latest_falls_back(kit, tmp_path):
+    log = tmp_path / "log"
+    common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--buffer_update_steps", "2",
+              "--checkpoints_total_limit", "2")
+    run(train_cmd(kit, log, "--num_steps", "4", *common))
+    flip_bytes(log / "ckpt-4" / "state" / "model.safetensors")
+    # the damaged checkpoint named explicitly: one line naming the file, exit 2
+    proc = run(train_cmd(kit, log, "--num_steps", "6", "--resume", str(log / "ckpt-4"), *common), ok=False)
+    assert proc.returncode == 2 and "model.safetensors does not match the checksum" in proc.stderr
+    assert proc.stderr.count("\n") <= 2 and "Traceback" not in proc.stderr
+    # latest: skips it, says so, resumes from ckpt-2, and trains on finite weights
+    proc = run(train_cmd(kit, log, "--num_steps", "6", "--resume", "latest", *common))
+    out = proc.stdout + proc.stderr
+    assert "skipping" in out and "falling back to" in out and "resumed from" in out and "ckpt-2 at micro-step 2" in out
+    w = weights(log / "ckpt-6" / "unet")
+    assert all(torch.isfinite(v).all() for v in w.values())
+    # a truncated trainer.pt: named, not a traceback
+    trainer = log / "ckpt-6" / "state" / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:100])
+    proc = run(train_cmd(kit, log, "--num_steps", "8", "--resume", str(log / "ckpt-6"), *common), ok=False)
+    assert proc.returncode == 2 and "trainer.pt has 100 bytes" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resume_option_classes(kit, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log = tmp_path / "log"
+    common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--buffer_update_steps", "2")
+    run(train_cmd(kit, log, "--num_steps", "4", "--learning_rate", "1e-4", *common))
+    # an option that shapes the state: refused, naming it
+    proc = run(train_cmd(kit, log, "--num_steps", "8", "--resume", "latest", "--seed", "1", *common), ok=False)
+    assert proc.returncode == 2 and "--resume: --seed was 0" in proc.stderr and "now 1" in proc.stderr
+    # one that may change: it takes effect (the optimizer's lr, as logged), and the log says so
+    proc = run(train_cmd(kit, log, "--num_steps", "8", "--resume", "latest", "--learning_rate", "0.5", *common))
+    assert "--learning_rate changed from 0.0001 to 0.5" in proc.stdout + proc.stderr
+    events = EventAccumulator(str(log / "rpo")).Reload()  # accelerate logs under the project name
+    lrs = {e.step: e.value for e in events.Scalars("params/lr")}
+    assert lrs[2] == pytest.approx(1e-4) and lrs[4] == pytest.approx(1e-4)
+    assert lrs[6] == pytest.approx(0.5) and lrs[8] == pytest.approx(0.5)

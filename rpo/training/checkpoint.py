@@ -5,6 +5,8 @@ Writes are atomic: a checkpoint is assembled in `<logdir>/.tmp-ckpt-<step>/` and
 into place only when complete, so a crash mid-save leaves a temporary folder that resume
 ignores, never a half checkpoint it would pick.
 """
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -97,13 +99,78 @@ def write_model_folder(path, *, model, state_dict):
     save_file(tensors, os.path.join(path, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
 
 
-def resolve_resume(logdir, resume):
-    """(step, path) of the checkpoint `--resume` names: `latest` (None when the logdir has no
-    resumable checkpoint) or a checkpoint folder holding `state/`."""
+CHECKSUMS = "SHA256SUMS.json"
+
+
+def sha256(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(state_dir):
+    """Size and sha256 of every file under `state_dir`, written atomically beside them: a
+    flipped byte in a safetensors file (which carries no checksum of its own) is then caught
+    at resume instead of training on garbage."""
+    sums = {}
+    for root, _, files in os.walk(state_dir):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, state_dir)
+            if rel != CHECKSUMS:
+                sums[rel] = {"size": os.path.getsize(path), "sha256": sha256(path)}
+    tmp = os.path.join(state_dir, CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(sums, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(state_dir, CHECKSUMS))
+
+
+def verify_checksums(ckpt):
+    """None if `ckpt/state` matches its checksums, else one line saying which file is wrong."""
+    state_dir = os.path.join(ckpt, "state")
+    listing = os.path.join(state_dir, CHECKSUMS)
+    if not os.path.isfile(listing):
+        return f"{listing} is missing (the save did not finish)"
+    try:
+        with open(listing) as f:
+            sums = json.load(f)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"{listing} is unreadable ({e})"
+    for rel, want in sorted(sums.items()):
+        path = os.path.join(state_dir, rel)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != want["size"]:
+            return f"{path} has {os.path.getsize(path)} bytes, {want['size']} were written (truncated?)"
+        if sha256(path) != want["sha256"]:
+            return f"{path} does not match the checksum written with it (corrupted)"
+    return None
+
+
+def resolve_resume(logdir, resume, log=print):
+    """(step, path) of the checkpoint `--resume` names, its state verified against its
+    checksums: `latest` (the newest verified one, falling back to older complete ones and
+    saying so; None when there is none) or a checkpoint folder holding `state/`."""
     if resume is None:
         return None
     if resume == "latest":
-        return latest_resumable(logdir)
+        problems = []
+        for step, path in reversed(list_checkpoints(logdir)):
+            if not os.path.isfile(os.path.join(path, "state", "trainer.pt")):
+                continue
+            problem = verify_checksums(path)
+            if problem is None:
+                for line in problems:
+                    log(f"--resume latest: skipping {line}")
+                if problems:
+                    log(f"--resume latest: falling back to {path}")
+                return step, path
+            problems.append(problem)
+        if problems:
+            raise UserError(f"--resume latest: no checkpoint in {logdir} has an intact state: {problems[0]}")
+        return None
     path = os.path.normpath(resume)
     m = CKPT.match(os.path.basename(path))
     if not os.path.isdir(path) or m is None:
@@ -111,6 +178,9 @@ def resolve_resume(logdir, resume):
     if not os.path.isfile(os.path.join(path, "state", "trainer.pt")):
         raise UserError(f"--resume {resume}: it holds no complete resumable state (state/trainer.pt); "
                         "only the newest --checkpoints_total_limit checkpoints keep one")
+    problem = verify_checksums(path)
+    if problem is not None:
+        raise UserError(f"--resume {resume}: {problem}")
     return int(m.group(1)), path
 
 
