@@ -23,6 +23,18 @@ def _shape(v):
     return tuple(v.shape)
 
 
+def draw_picks(n, num_steps, batch_size, generator=None):
+    """The random part of `ReplayBuffer.sample` over n trajectories of num_steps steps:
+    (index, step), each (batch_size,) on the CPU. Index: a uniformly random ordered selection
+    without replacement (the first batch_size of a random permutation) when batch_size <= n,
+    else uniform with replacement; step: independent and uniform over 0..num_steps-1."""
+    if batch_size <= n:
+        index = torch.randperm(n, generator=generator)[:batch_size]
+    else:
+        index = torch.randint(n, (batch_size,), generator=generator)
+    return index, torch.randint(num_steps, (batch_size,), generator=generator)
+
+
 class ReplayBuffer:
     def __init__(self, size: int, device="cpu"):
         if size < 1:
@@ -30,6 +42,7 @@ class ReplayBuffer:
         self.size = int(size)
         self.device = torch.device(device)
         self.data = {}  # name -> tensor (N, ...), N <= size, oldest first
+        self.handed = None  # a pick made ahead by a truncated refill (rpo/training/steps.py); never saved
 
     def __len__(self) -> int:
         return len(self.data["t"]) if self.data else 0
@@ -82,20 +95,30 @@ class ReplayBuffer:
     def sample(self, batch_size: int, generator=None) -> dict:
         """B (trajectory, step) picks: trajectories without replacement when B <= len(self),
         else with replacement; one independent uniform step per pick."""
+        if self.handed is not None:
+            out, self.handed = self.handed, None
+            if len(out["index"]) != batch_size:
+                raise ValueError(f"ReplayBuffer.sample: {batch_size} picks asked, {len(out['index'])} were handed over")
+            return out
         n = len(self)
         if n == 0:
             raise RuntimeError("ReplayBuffer.sample: the buffer is empty; push trajectories first")
         if batch_size < 1:
             raise ValueError(f"ReplayBuffer.sample: batch_size must be >= 1, got {batch_size}")
-        if batch_size <= n:
-            index = torch.randperm(n, generator=generator)[:batch_size]
-        else:
-            index = torch.randint(n, (batch_size,), generator=generator)
-        step = torch.randint(self.num_steps, (batch_size,), generator=generator)
+        index, step = draw_picks(n, self.num_steps, batch_size, generator)
         index, step = index.to(self.device), step.to(self.device)
         out = {name: v[index, step] if name in PER_STEP else v[index] for name, v in self.data.items()}
         out["index"], out["step"] = index, step
         return out
+
+    def hand_over(self, picks: dict):
+        """Make the next `sample` call return `picks` (a dict shaped like its output) without
+        drawing: a truncated refill has already drawn them with `draw_picks` from the same
+        generator, at the same point of its stream."""
+        self.handed = picks
+
+    def clear(self):
+        self.data = {}
 
     def state_dict(self) -> dict:
         # clone: a trimmed row slice shares storage with the untrimmed tensor, and torch.save

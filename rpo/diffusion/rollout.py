@@ -14,6 +14,7 @@ for the two halves (the paper's code fails here, docs/upstream.md, defect 6).
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 
 @dataclass
@@ -59,3 +60,70 @@ def rollout(unet, scheduler, x_T, timesteps, prompt_embeds, guidance_scale=1.0, 
         predictions.append(eps)
         x = scheduler.step(eps, k, x, generator=generator)
     return Trajectory(t=timesteps, x_t=torch.stack(inputs, 1), eps=torch.stack(predictions, 1), x_final=x)
+
+
+@dataclass
+class Picks:
+    t: torch.Tensor      # (B,) long: t_{k_i} of row i (0 where row i was not asked for)
+    x_t: torch.Tensor    # (B, C, H, W): the UNet input x_{t_{k_i}} (zeros where not asked for)
+    eps: torch.Tensor    # (B, C, H, W): the (guided) noise prediction there (zeros where not asked for)
+    unet_rows: int       # batch rows summed over the UNet passes (a guided pass counts its two halves once)
+
+
+def _rows(value, rows):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: v[rows] for k, v in value.items()}
+    return value[rows]
+
+
+@torch.no_grad()
+def truncated_rollout(unet, scheduler, x_T, timesteps, prompt_embeds, stop, guidance_scale=1.0,
+                      negative_prompt_embeds=None, added_cond_kwargs=None, negative_added_cond_kwargs=None,
+                      generator=None):
+    """`rollout`, recording only step `stop[i]` of row i and running row i no further
+    (stop[i] = -1: row i is not needed and never runs). Row i costs stop[i] + 1 UNet rows
+    instead of T; finished rows leave the batch (`scheduler.keep_rows`). The scheduler's noise
+    (DDPM) is drawn for the whole batch at every one of the T steps, exactly as `rollout` draws
+    it, and the rows still running take theirs: with the same generator every recorded
+    (t_k, x_{t_k}, eps_k) is the one `rollout` records at step k, and the generator ends in
+    the same state."""
+    B, T = timesteps.shape
+    if timesteps.ndim != 2 or B != x_T.shape[0] or stop.shape != (B,):
+        raise ValueError(f"truncated_rollout: timesteps (batch, steps) and stop (batch,) must match x_T's batch "
+                         f"{x_T.shape[0]}, got {tuple(timesteps.shape)} and {tuple(stop.shape)}")
+    if int(stop.max()) >= T or int(stop.min()) < -1:
+        raise ValueError(f"truncated_rollout: stop must lie in -1..{T - 1}, got {stop.tolist()}")
+    scheduler.set_timesteps(timesteps)
+    timesteps, stop = timesteps.to(x_T.device), stop.to(x_T.device)
+    t_out = torch.zeros(B, dtype=timesteps.dtype, device=x_T.device)
+    x_out, eps_out = None, None
+    live = (stop >= 0).nonzero().flatten()  # batch rows still running, ascending
+    scheduler.keep_rows(live)
+    x, unet_rows = x_T[live], 0
+    for k in range(T):
+        noise = None
+        if scheduler.draws_noise:  # the same call as PerSampleDDPM.step makes on the whole batch
+            noise = randn_tensor(x_T.shape, generator=generator, device=x_T.device, dtype=torch.float32)
+        if len(live) == 0:
+            continue  # only the noise draws remain, to leave the generator where `rollout` leaves it
+        model_input = scheduler.scale_model_input(x, k)
+        eps = predict_noise(unet, model_input, timesteps[live, k], prompt_embeds[live], guidance_scale,
+                            _rows(negative_prompt_embeds, live), _rows(added_cond_kwargs, live),
+                            _rows(negative_added_cond_kwargs, live))
+        unet_rows += len(live)
+        if x_out is None:
+            x_out = torch.zeros((B, *model_input.shape[1:]), dtype=model_input.dtype, device=x_T.device)
+            eps_out = torch.zeros((B, *eps.shape[1:]), dtype=eps.dtype, device=x_T.device)
+        done = stop[live] == k
+        rows = live[done]
+        t_out[rows], x_out[rows], eps_out[rows] = timesteps[rows, k], model_input[done], eps[done]
+        keep = (~done).nonzero().flatten()
+        live = live[keep]
+        if len(live):
+            scheduler.keep_rows(keep)
+            x = scheduler.step(eps[keep], k, x[keep], noise=None if noise is None else noise[live], generator=generator)
+    if x_out is None:  # no row was asked for
+        x_out = eps_out = torch.zeros_like(x_T)
+    return Picks(t=t_out, x_t=x_out, eps=eps_out, unet_rows=unet_rows)

@@ -102,6 +102,8 @@ class PerSampleScheduler:
     """Common part: config checks, the per-sample grid, and the (B,) noise-level lookups."""
 
     name = None  # one of SCHEDULERS, set by each subclass
+    draws_noise = False  # whether `step` draws noise from its generator
+    row_state = ("timesteps",)  # attributes whose first dimension runs over the batch rows
 
     @staticmethod
     def from_name(name, scheduler_config):
@@ -127,6 +129,16 @@ class PerSampleScheduler:
         check_timesteps(timesteps, self.num_train_timesteps)
         self.timesteps = timesteps
         self.num_inference_steps = timesteps.shape[1]
+
+    def keep_rows(self, rows):
+        """Keep only the batch rows `rows` (indices into the current rows, ascending) of the
+        per-row state, so the next `step` takes a batch of len(rows). Each row's update
+        depends on its own grid and history alone, so the kept rows continue exactly as
+        they would have in the whole batch (tests/test_rollout_truncation.py)."""
+        for name in self.row_state:
+            value = getattr(self, name, None)
+            if value is not None:
+                setattr(self, name, value[rows.to(value.device)])
 
     def scale_model_input(self, sample, k):
         return sample  # none of these three scales the model input
@@ -169,6 +181,8 @@ class PerSampleScheduler:
 #                              or beta ("fixed_large"); no noise where t = 0.
 class PerSampleDDPM(PerSampleScheduler):
     name = "DDPM"
+    draws_noise = True
+    row_state = ("timesteps", "alphas_bar")
 
     def __init__(self, scheduler_config):
         super().__init__(scheduler_config)
@@ -201,6 +215,7 @@ class PerSampleDDPM(PerSampleScheduler):
 # x0 is clipped when clip_sample is set; eps stays the model's (diffusers' use_clipped_model_output=False).
 class PerSampleDDIM(PerSampleScheduler):
     name = "DDIM"
+    row_state = ("timesteps", "alphas_bar")
 
     def set_timesteps(self, timesteps):
         super().set_timesteps(timesteps)
@@ -227,6 +242,7 @@ class PerSampleDDIM(PerSampleScheduler):
 # shared; the noise levels and the history D_{k-1} are per row.
 class PerSampleDPMSolver(PerSampleScheduler):
     name = "DPMSolver++"
+    row_state = ("timesteps", "alpha", "sigma", "lam", "previous_x0")
 
     def __init__(self, scheduler_config):
         super().__init__(scheduler_config)
