@@ -34,7 +34,8 @@ from rpo.training.ema import NamedEMA
 from rpo.training.latents import encode_moments
 from rpo.training.parametrisation import FullFineTune
 from rpo.training.state import TrainState, check_resume, load_checkpoint, read_trainer, save_checkpoint
-from rpo.training.steps import Refiller, RolloutSettings, dro_micro_step
+from rpo.training.speed import speed_up, unets_of
+from rpo.training.steps import Refiller, RolloutSettings, dro_micro_step, truncation_applies
 from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator
 
 # Options that must not change across a resume: they shape the state being restored.
@@ -95,8 +96,12 @@ def build_parser():
     a("--buffer_update_steps", type=int, default=16, help="copy the trainable weights into the rollout model every N micro-steps")
     flag(p, "buffer_perturb_timesteps", True, "each trajectory gets its own random timestep offset")
     flag(p, "buffer_sync", False, "every rank samples from the union of all ranks' trajectories")
+    flag(p, "truncate_rollouts", None, "roll each trajectory out only up to the step the micro-step samples from it; "
+                                       "default: on where that is exact in distribution (README, 'Truncated rollouts')")
     # systems
     flag(p, "cache_latents", False, "encode every expert (and its mirror) once and sample x0 from the cached VAE posteriors; needs centre crops")
+    flag(p, "compile", False, "torch.compile the UNets (rollout, trainable, reference); the first steps compile")
+    flag(p, "channels_last", False, "channels-last memory format for the UNets (faster convolutions on recent GPUs)")
     flag(p, "allow_tf32", False, "TF32 matmuls and convolutions on Ampere+ GPUs")
     a("--dataloader_num_workers", type=int, default=8)
     a("--mixed_precision", choices=["no", "fp16", "bf16"], default="bf16")
@@ -243,6 +248,13 @@ def main():
     batches = ExpertBatches(len(experts), args.buffer_batch_size, args.seed, rank, world, start=state.expert_batches_used)
     loader = iter(torch.utils.data.DataLoader(experts, batch_sampler=batches, num_workers=args.dataloader_num_workers,
                                               pin_memory=device.type == "cuda", persistent_workers=False))
+    speed_up(unets_of(params), compile=args.compile, channels_last=args.channels_last)
+    exact, why = truncation_applies(buffer_size=args.buffer_size, sample_steps=args.buffer_sample_steps,
+                                    pair_batch_size=args.batch_size, rollout_batch_size=args.buffer_batch_size,
+                                    batches_per_refill=args.buffer_batch_accumulation, sync=args.buffer_sync, world=world)
+    truncate = exact and args.truncate_rollouts is not False
+    if args.truncate_rollouts and not exact:
+        accelerator.print(f"--truncate_rollouts: rollouts stay whole, truncation would not be exact: {why}")
     refiller = Refiller(batches=loader, text=text, vae=vae, family=family, accelerator=accelerator, weight_dtype=weight_dtype,
                         sampler=PerSampleScheduler.from_name(args.buffer_scheduler, family.schedule), moments=moments,
                         settings=RolloutSettings(
@@ -251,7 +263,7 @@ def main():
                             min_trajectories=args.batch_size, guidance_scale=args.buffer_guidance_scale,
                             perturb_timesteps=args.buffer_perturb_timesteps,
                             drop_prompt_probability=args.random_drop_prompt_probability, resolution=args.resolution,
-                            latent_size=latent_size, sdxl=args.sdxl, sync=args.buffer_sync))
+                            latent_size=latent_size, sdxl=args.sdxl, sync=args.buffer_sync, truncate=truncate))
     validator = None
     if prompts is not None:
         validator = Validator(accelerator=accelerator, captions=[item.caption for item in prompts.items], text=text, vae=vae,
