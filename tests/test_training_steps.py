@@ -7,6 +7,8 @@ buffer draw and noise (from copies of the state's generators), the errors as pla
 into freshly built objects and comparing every piece with what was saved.
 """
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -26,25 +28,35 @@ from rpo.training.steps import Refiller, RolloutSettings, dro_micro_step
 MARGIN, LR, CLIP = 0.05, 1e-3, 0.5
 
 
-def build(kit, *, accumulation=1):
+@pytest.fixture(params=["tiny-kit", "v-prediction"])
+def pipeline(request, kit, tmp_path_factory):
+    """The tiny kit's SD1.5 (epsilon) and an independently built v-prediction pipeline."""
+    if request.param == "tiny-kit":
+        return kit["sd15"]
+    from interop_kit import write_independent_sd15
+    return write_independent_sd15(tmp_path_factory.mktemp("vpred"), scheduler="vpred")
+
+
+def build(kit, pipeline, *, accumulation=1):
     torch.manual_seed(0)
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
-    family = UNetFamily.from_pretrained(kit["sd15"])
-    text, vae = load_text_encoders(kit["sd15"]), load_vae(kit["sd15"])
-    unet = load_unet(kit["sd15"], "unet")
+    family = UNetFamily.from_pretrained(pipeline)
+    text, vae = load_text_encoders(pipeline), load_vae(pipeline)
+    unet = load_unet(pipeline, "unet")
     with torch.no_grad():  # move the trainable model off the reference, so the loss is not at its kink
         for p in unet.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    params = FullFineTune(trainable=unet, reference=load_unet(kit["sd15"], "unet").requires_grad_(False))
+    params = FullFineTune(trainable=unet, reference=load_unet(pipeline, "unet").requires_grad_(False))
     ema = NamedEMA(params.named_trainable())
     optimizer = torch.optim.AdamW([p for _, p in params.named_trainable()], lr=LR)
     lr_scheduler = get_scheduler("constant", optimizer)
     model, optimizer, lr_scheduler = acc.prepare(unet, optimizer, lr_scheduler)
-    experts = ExpertDataset(kit["experts"], 32, False, False)
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    experts = ExpertDataset(kit["experts"], 4 * vae_scale, False, False)
     batches = iter(torch.utils.data.DataLoader(experts, batch_sampler=ExpertBatches(len(experts), 2)))
     settings = RolloutSettings(scheduler="DDIM", num_steps=3, batch_size=2, batches_per_refill=1, min_trajectories=2,
                                guidance_scale=1.0, perturb_timesteps=True, drop_prompt_probability=0.0,
-                               resolution=32, latent_size=4)
+                               resolution=4 * vae_scale, latent_size=4)
     refiller = Refiller(batches=batches, text=text, vae=vae, family=family, accelerator=acc, weight_dtype=torch.float32,
                         sampler=PerSampleScheduler.from_name("DDIM", family.schedule), settings=settings)
     state = TrainState.fresh(seed=0, rank=0, buffer_size=4, device="cpu")
@@ -58,20 +70,24 @@ def micro_step(o, batch_size=2):
                           margin=MARGIN, hinge=True, max_grad_norm=CLIP)
 
 
-def hand_update(o, batch_size=2):
-    """The DRO update of docs/design.md ("Algorithm", steps 2-4) written out on a copy."""
+def hand_update(o, pipeline, batch_size=2):
+    """The DRO update of docs/design.md ("Algorithm", steps 2-4) written out on a copy; the
+    expert target as the model's own scheduler config says (eps or the velocity)."""
+    with open(os.path.join(pipeline, "scheduler", "scheduler_config.json")) as f:
+        prediction = json.load(f).get("prediction_type", "epsilon")
     state, family = o["state"], o["family"]
     cpu_gen, dev_gen = torch.Generator().set_state(state.cpu_gen.get_state()), torch.Generator().set_state(state.dev_gen.get_state())
     sample = state.buffer.sample(batch_size, generator=cpu_gen)
     eps = torch.randn(sample["x0"].shape, generator=dev_gen)
     ab = family.noise_scheduler.alphas_cumprod[sample["t"]].view(-1, 1, 1, 1)
-    x_expert = ab.sqrt() * sample["x0"] + (1 - ab).sqrt() * eps  # epsilon model: target eps
+    x_expert = ab.sqrt() * sample["x0"] + (1 - ab).sqrt() * eps
+    target = eps if prediction == "epsilon" else ab.sqrt() * eps - (1 - ab).sqrt() * sample["x0"]
     trainable = copy.deepcopy(o["params"].trainable)
     reference = o["params"].reference_model
     cond = sample["prompt_embeds"]
 
     def errors(model):
-        e = F.mse_loss(model(x_expert, sample["t"], cond).sample, eps, reduction="none").mean((1, 2, 3))
+        e = F.mse_loss(model(x_expert, sample["t"], cond).sample, target, reduction="none").mean((1, 2, 3))
         p = F.mse_loss(model(sample["x_t"], sample["t"], cond).sample, sample["eps"], reduction="none").mean((1, 2, 3))
         return e, p
     with torch.no_grad():
@@ -85,8 +101,8 @@ def hand_update(o, batch_size=2):
     return loss.item(), trainable
 
 
-def test_refill_micro_step_checkpoint_load_in_process(kit, tmp_path):
-    o = build(kit)
+def test_refill_micro_step_checkpoint_load_in_process(kit, pipeline, tmp_path):
+    o = build(kit, pipeline)
     o["refiller"].refill(model=o["params"].rollout_model, state=o["state"])
     buf = o["state"].buffer
     assert len(buf) == 2 and o["state"].expert_batches_used == 1
@@ -96,7 +112,7 @@ def test_refill_micro_step_checkpoint_load_in_process(kit, tmp_path):
     assert bool(((t - t[:, :1] + ratio * torch.arange(3)) == 0).all())  # spaced by the grid ratio, offset per row
 
     before = {k: v.clone() for k, v in o["params"].trainable.state_dict().items()}
-    want_loss, want_model = hand_update(o)
+    want_loss, want_model = hand_update(o, pipeline)
     stats = micro_step(o)
     assert stats[0].item() == pytest.approx(want_loss, rel=1e-5, abs=1e-8)
     assert want_loss > 0  # the hinge is active: the update is not trivially zero
@@ -114,7 +130,7 @@ def test_refill_micro_step_checkpoint_load_in_process(kit, tmp_path):
     path = save_checkpoint(logdir=str(tmp_path), accelerator=o["acc"], model=o["model"], params=o["params"], ema=o["ema"],
                            state=o["state"], args={"seed": 0}, keep=1)
     # a fresh set of objects, loaded from the checkpoint, holds the same state
-    fresh = build(kit)
+    fresh = build(kit, pipeline)
     load_checkpoint(path=path, trainer=read_trainer(path), accelerator=fresh["acc"], params=fresh["params"],
                     ema=fresh["ema"], state=fresh["state"])
     assert fresh["state"].step == 1 and fresh["state"].expert_batches_used == 1
