@@ -32,16 +32,17 @@ from rpo.scores import load_scorer
 from rpo.training import checkpoint
 from rpo.training.ema import NamedEMA
 from rpo.training.latents import encode_moments
-from rpo.training.parametrisation import FullFineTune
+from rpo.training.parametrisation import LORA_TARGET_MODULES, FullFineTune, LoRAFineTune, lora_targets_matched
 from rpo.training.state import TrainState, check_resume, load_checkpoint, read_trainer, save_checkpoint
 from rpo.training.speed import speed_up, unets_of
-from rpo.training.steps import Refiller, RolloutSettings, dro_micro_step, truncation_applies
+from rpo.training.steps import SFT_STAT_KEYS, Refiller, RolloutSettings, dro_micro_step, sft_micro_step, truncation_applies
 from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator
 
 # Options that must not change across a resume: they shape the state being restored.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "unet", "reference_unet", "sdxl", "train_dataset", "resolution", "batch_size",
                      "gradient_accumulation_steps", "buffer_size", "buffer_batch_size", "buffer_num_inference_steps",
-                     "buffer_sync", "seed", "use_ema", "mixed_precision", "fp32_master_weights")
+                     "buffer_sync", "seed", "use_ema", "mixed_precision", "fp32_master_weights",
+                     "objective", "lora_rank", "lora_alpha", "lora_target_modules")
 
 
 def build_parser():
@@ -83,6 +84,14 @@ def build_parser():
     a("--lr_scheduler", default="constant", choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
     a("--lr_warmup_steps", type=int, default=0, help="in micro-steps")
     a("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm of the trainable UNet; 0 disables")
+    a("--objective", choices=["dro", "sft"], default="dro",
+      help="dro: Diffusion-DRO; sft: the paper's SFT baseline, the plain denoising loss on the same experts (no rollouts)")
+    # LoRA (diffusers' LoRA conventions; see README "LoRA and the SFT baseline")
+    a("--lora_rank", type=int, default=None, help="train LoRA adapters of this rank on the UNet; None or 0: full fine-tuning")
+    a("--lora_alpha", type=float, default=None, help="LoRA scaling numerator (scale alpha/rank); None: the rank")
+    a("--lora_target_modules", default=",".join(LORA_TARGET_MODULES),
+      help="comma-separated module names the adapters wrap (peft: a name or its last components)")
+    flag(p, "save_merged_unet", False, "LoRA: also write ckpt-N/ema (ckpt-N/unet without EMA), the adapter merged into the UNet")
     flag(p, "hinge", True, "hinge ranking loss; --no-hinge: its smooth logistic counterpart")
     a("--margin", type=float, default=0.001)
     # replay buffer
@@ -151,6 +160,15 @@ def check_args(args):
                         f"--checkpoints_total_limit {args.checkpoints_total_limit} (and >= 1): it would delete resumable states")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other: continue the run in --logdir, or delete it")
+    if args.lora_rank is not None and args.lora_rank < 0:
+        raise UserError(f"--lora_rank must be >= 1 (or 0 for full fine-tuning), got {args.lora_rank}")
+    if not args.lora_rank and (args.lora_alpha is not None or args.save_merged_unet):
+        raise UserError("--lora_alpha and --save_merged_unet need --lora_rank N (LoRA training)")
+    if args.lora_rank and args.reference_unet:
+        raise UserError("--reference_unet does not apply to LoRA: the reference is the base UNet (--unet or the "
+                        "pipeline's) with the adapters disabled")
+    if args.lora_rank and not [m for m in args.lora_target_modules.split(",") if m.strip()]:
+        raise UserError("--lora_target_modules names no module")
     if args.score and not args.validation_steps:
         raise UserError("--score needs --validation_steps N > 0 (the score is computed at each validation)")
 
@@ -183,6 +201,10 @@ def main():
         # so ranks generating different numbers of validation images would hang
         raise UserError("under FSDP, train.py needs --no-use_ema and --validation_steps 0 "
                         "(use DDP or configs/deepspeed_zero2.yaml for EMA and validation)")
+    if accelerator.distributed_type == DistributedType.FSDP and args.lora_rank:
+        raise UserError("--lora_rank is not supported under FSDP (use DDP or DeepSpeed ZeRO-2: the adapters are small)")
+    if args.lora_rank:
+        check_lora_targets(args)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # The scorer loads now, before the diffusion models: a missing metric fails at start-up,
@@ -201,14 +223,20 @@ def main():
     def load(path, dtype, what):  # a UNet folder of its own, or the pipeline's
         return load_unet(path, None, None, dtype, what=what) if path else load_unet(source, "unet", args.variant, dtype, what=what)
     unet = load(args.unet, train_dtype, "trainable UNet (--unet)").to(device)
-    reference = load(args.reference_unet, weight_dtype, "reference UNet").requires_grad_(False).to(device)
+    sft, lora = args.objective == "sft", bool(args.lora_rank)
+    # LoRA's reference is the base with adapters disabled; SFT has no reference
+    reference = None if sft or lora else load(args.reference_unet, weight_dtype, "reference UNet").requires_grad_(False).to(device)
     unet.train()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     # A lagging rollout model needs its own copy; see rpo/training/parametrisation.py.
-    lagging = args.gradient_accumulation_steps % args.buffer_update_steps != 0
-    rollout_copy = load(args.unet, weight_dtype, "rollout UNet").requires_grad_(False).to(device) if lagging else None
-    params = FullFineTune(trainable=unet, reference=reference, rollout=rollout_copy)
+    lagging = args.gradient_accumulation_steps % args.buffer_update_steps != 0 and not sft  # SFT runs no rollouts
+    if lora:
+        params = LoRAFineTune(base=unet, rank=args.lora_rank, alpha=args.lora_alpha, lagging=lagging,
+                              target_modules=lora_target_list(args), save_merged=args.save_merged_unet, seed=args.seed)
+    else:
+        rollout_copy = load(args.unet, weight_dtype, "rollout UNet").requires_grad_(False).to(device) if lagging else None
+        params = FullFineTune(trainable=unet, reference=reference, rollout=rollout_copy)
     latent_size = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)  # from --resolution (docs/upstream.md, defect 11)
     if args.buffer_num_inference_steps > family.num_train_timesteps:
         raise UserError(f"--buffer_num_inference_steps exceeds the {family.num_train_timesteps} training timesteps")
@@ -245,7 +273,7 @@ def main():
     if args.cache_latents:  # before the loader: it then skips decoding pixels
         moments = encode_moments(vae, experts, device, weight_dtype)
         experts.load_pixels = False
-    batches = ExpertBatches(len(experts), args.buffer_batch_size, args.seed, rank, world, start=state.expert_batches_used)
+    batches = ExpertBatches(len(experts), args.batch_size if sft else args.buffer_batch_size, args.seed, rank, world, start=state.expert_batches_used)
     loader = iter(torch.utils.data.DataLoader(experts, batch_sampler=batches, num_workers=args.dataloader_num_workers,
                                               pin_memory=device.type == "cuda", persistent_workers=False))
     speed_up(unets_of(params), compile=args.compile, channels_last=args.channels_last)
@@ -277,21 +305,27 @@ def main():
     # ---------------------------------------------------------------- loop
     bar = tqdm(range(state.step + 1, args.num_steps + 1), initial=state.step, total=args.num_steps,
                disable=not accelerator.is_local_main_process, desc="micro-steps")
-    running = torch.zeros(len(STATS), device=device)
+    stat_keys = SFT_STAT_KEYS if sft else STATS
+    running = torch.zeros(len(stat_keys), device=device)
     tic = time.perf_counter()
     for step in bar:
         state.step = step
-        if len(state.buffer) == 0 or step % args.buffer_sample_steps == 0:
-            refiller.refill(model=params.rollout_model, state=state)
-        running += dro_micro_step(accelerator=accelerator, model=model, params=params, family=family, state=state,
-                                  batch_size=args.batch_size, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                                  margin=args.margin, hinge=args.hinge, max_grad_norm=args.max_grad_norm)
+        if sft:
+            running += sft_micro_step(accelerator=accelerator, model=model, params=params, family=family, refiller=refiller,
+                                      state=state, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      max_grad_norm=args.max_grad_norm)
+        else:
+            if len(state.buffer) == 0 or step % args.buffer_sample_steps == 0:
+                refiller.refill(model=params.rollout_model, state=state)
+            running += dro_micro_step(accelerator=accelerator, model=model, params=params, family=family, state=state,
+                                      batch_size=args.batch_size, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      margin=args.margin, hinge=args.hinge, max_grad_norm=args.max_grad_norm)
         if accelerator.sync_gradients:
             if ema is not None:
                 ema.step(params.named_trainable())
             seconds = (time.perf_counter() - tic) / args.gradient_accumulation_steps
             means = accelerator.reduce(running / args.gradient_accumulation_steps, "mean").tolist()
-            logs = {f"loss/{k}": v for k, v in zip(STATS, means)}
+            logs = {f"loss/{k}": v for k, v in zip(stat_keys, means)}
             logs.update({"params/lr": lr_scheduler.get_last_lr()[0], "params/buffer_size": len(state.buffer),
                          "perf/seconds_per_step": seconds, "perf/samples_per_second": args.batch_size * world / seconds})
             accelerator.log(logs, step=step)
@@ -311,6 +345,26 @@ def main():
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"done: {args.num_steps} micro-steps; checkpoints in {args.logdir}")
+
+
+def lora_target_list(args):
+    return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+
+
+def check_lora_targets(args):
+    """Refuse --lora_target_modules entries that name no module of the UNet, from its config
+    alone (built on the meta device: no weights read)."""
+    from diffusers import UNet2DConditionModel
+    if args.unet:
+        config = UNet2DConditionModel.load_config(args.unet)
+    else:
+        config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
+    with torch.device("meta"):
+        arch = UNet2DConditionModel.from_config(config)
+    unmatched = [t for t, n in lora_targets_matched(arch, lora_target_list(args)).items() if n == 0]
+    if unmatched:
+        raise UserError(f"--lora_target_modules: {', '.join(unmatched)} names no module of the UNet "
+                        f"(e.g. {', '.join(LORA_TARGET_MODULES)})")
 
 
 def record_start(args, resume_from):

@@ -3,6 +3,8 @@
 `<logdir>/ckpt-N/`:
     unet/          the trainable weights (a diffusers model folder)
     ema/           the EMA weights, same layout (what inference and the paper's numbers use)
+    (LoRA runs: lora/ and lora_ema/ instead, `pipe.load_lora_weights` folders; with
+    --save_merged_unet also ema/ (unet/ without EMA), the adapter merged into the base UNet)
     state/         only in the newest --checkpoints_total_limit checkpoints:
         (accelerate's save_state: model, optimizer, LR scheduler, RNG states)
         rank<r>.pt              this rank's replay buffer and generators
@@ -59,9 +61,13 @@ def save_checkpoint(*, logdir, accelerator, model, params, ema, state, args, kee
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # on every rank: a collective under DeepSpeed ZeRO-3 / FSDP
     if accelerator.is_main_process:
-        params.save_weights(os.path.join(path, "unet"), weights=weights)
+        params.save_weights(os.path.join(path, params.weights_dir), weights=weights)
         if ema is not None:
-            params.save_weights(os.path.join(path, "ema"), weights=weights, ema_shadows=ema.named_shadows())
+            params.save_weights(os.path.join(path, params.ema_dir), weights=weights, ema_shadows=ema.named_shadows())
+        if params.save_merged:  # LoRA --save_merged_unet: a plain UNet folder of what inference uses
+            shadows = ema.named_shadows() if ema is not None else None
+            params.save_merged_unet(os.path.join(path, "ema" if ema is not None else "unet"), weights=weights,
+                                    ema_shadows=shadows)
     state_dir = os.path.join(path, "state")
     accelerator.save_state(state_dir)
     torch.save(state.rank_state_dict(), os.path.join(state_dir, f"rank{accelerator.process_index}.pt"))

@@ -14,7 +14,7 @@ import torch
 
 from rpo.diffusion.buffer import draw_picks
 from rpo.diffusion.loss import STAT_KEYS
-from rpo.diffusion.objective import dro_loss
+from rpo.diffusion.objective import dro_loss, sft_loss
 from rpo.diffusion.rollout import rollout, truncated_rollout
 from rpo.diffusion.schedulers import make_timesteps
 from rpo.training.latents import sample_latents
@@ -189,3 +189,47 @@ def dro_micro_step(*, accelerator, model, params, family, state, batch_size, opt
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return torch.stack([stats[k] for k in STAT_KEYS])
+
+
+# What the SFT baseline logs (rpo.diffusion.objective.sft_loss's stats).
+SFT_STAT_KEYS = ("loss", "expert")
+
+
+def expert_sample(refiller, batch, state):
+    """The training fields of one expert batch, as `Refiller.trajectories` makes them for the
+    expert half: captions dropped with the rollout's probability (CPU generator), x0 from the
+    VAE or the cached posteriors (device generator), SDXL's pooled embedding and the expert's
+    own size/crop ids."""
+    s, device = refiller.settings, refiller.device
+    b = len(batch["caption"])
+    drop = torch.rand(b, generator=state.cpu_gen) < s.drop_prompt_probability
+    embeds, pooled = refiller.text.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
+    sample = {"prompt_embeds": embeds, "x0": refiller.expert_latents(batch, state.dev_gen)}
+    if s.sdxl:
+        res = s.resolution
+        sample["pooled_embeds"] = pooled
+        sample["time_ids"] = torch.cat([batch["original_size"], batch["crop_top_left"],
+                                        torch.tensor([[res, res]] * b)], 1).to(device)
+    return sample
+
+
+def sft_micro_step(*, accelerator, model, params, family, refiller, state, optimizer, lr_scheduler, max_grad_norm):
+    """The SFT baseline's micro-step: the next expert batch (its size is the loader's), t
+    uniform over the training timesteps and fresh noise, one denoising-loss backward; at the
+    end of an accumulation, clip and step. No rollouts, no buffer. Returns the SFT_STAT_KEYS
+    values."""
+    batch = next(refiller.batches)
+    state.expert_batches_used += 1
+    sample = expert_sample(refiller, batch, state)
+    b = sample["x0"].shape[0]
+    sample["t"] = torch.randint(0, family.num_train_timesteps, (b,), generator=state.cpu_gen).to(accelerator.device)
+    eps = torch.randn(sample["x0"].shape, generator=state.dev_gen, device=accelerator.device)
+    with accelerator.accumulate(model):
+        loss, stats = sft_loss(model=model, family=family, sample=sample, eps_expert=eps, autocast=accelerator.autocast)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and max_grad_norm > 0:
+            accelerator.clip_grad_norm_([p for _, p in params.named_trainable()], max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return torch.stack([stats[k] for k in SFT_STAT_KEYS])
