@@ -34,6 +34,8 @@ def readme_commands():
 
 def test_readme_shows_every_stage():
     assert {name for name, _ in readme_commands()} == set(SCRIPTS)
+    assert any(name == "train.py" and "sd15_pickapicv2hpsv2nopreferred500_bs256_hinge_1" in " ".join(argv)
+               for name, argv in readme_commands())
 
 
 @pytest.mark.parametrize("name, argv", readme_commands(), ids=lambda v: v if isinstance(v, str) else "")
@@ -41,7 +43,8 @@ def test_readme_command_parses(name, argv, monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     module = importlib.import_module(SCRIPTS[name])
     args = module.build_parser().parse_args(argv)
-    if name == "train.py":  # the paper's training command, as the paper ran it
+    if name == "train.py" and args.logdir.endswith("sd15_pickapicv2hpsv2nopreferred500_bs256_hinge_1"):
+        # the paper's training command, as the paper ran it (other train.py commands: recipes)
         assert (args.num_steps, args.batch_size, args.gradient_accumulation_steps, args.learning_rate) == (25600, 4, 16, 1e-4)
         assert args.hinge and args.buffer_perturb_timesteps and not args.buffer_sync and args.mixed_precision == "bf16"
         assert (args.buffer_size, args.buffer_update_steps, args.checkpointing_steps, args.validation_steps) == (4, 16, 1280, 256)
