@@ -36,7 +36,8 @@ from rpo.training.parametrisation import LORA_TARGET_MODULES, FullFineTune, LoRA
 from rpo.training.state import TrainState, check_resume, load_checkpoint, read_trainer, save_checkpoint
 from rpo.training.speed import speed_up, unets_of
 from rpo.training.steps import SFT_STAT_KEYS, Refiller, RolloutSettings, dro_micro_step, sft_micro_step, truncation_applies
-from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator
+from rpo.training.plots import append_history, truncate_history, write_plots
+from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator, trackers_of
 
 # Options that must not change across a resume: they shape the state being restored.
 RESUME_INVARIANTS = ("pretrained_model_name_or_path", "unet", "reference_unet", "sdxl", "train_dataset", "resolution", "batch_size",
@@ -125,7 +126,10 @@ def build_parser():
       help="continue from a checkpoint folder, or 'latest' (the newest resumable one in --logdir; a fresh start when there is none)")
     p.add_argument("--no-resume", dest="resume", action="store_const", const=None, help=argparse.SUPPRESS)
     flag(p, "overwrite", False, "delete the checkpoints and images already in --logdir and start fresh")
-    a("--report_to", default="tensorboard", help="accelerate tracker (tensorboard, wandb, ...)")
+    a("--report_to", default="tensorboard", help="accelerate tracker(s), comma-separated (tensorboard, wandb, ...), "
+                                                 "'all' (every installed one) or 'none'")
+    a("--export_pipeline", default=None, metavar="DIR",
+      help="at the end, write the last checkpoint as a complete diffusers pipeline folder (tools/export_pipeline.py)")
     return p
 
 
@@ -171,6 +175,10 @@ def check_args(args):
         raise UserError("--lora_target_modules names no module")
     if args.score and not args.validation_steps:
         raise UserError("--score needs --validation_steps N > 0 (the score is computed at each validation)")
+    trackers_of(args.report_to)  # an unknown or uninstalled tracker fails now, not after the weights load
+    if args.export_pipeline:
+        from tools.export_pipeline import check_export_output
+        check_export_output(args.export_pipeline)
 
 
 def main():
@@ -189,7 +197,7 @@ def main():
     accelerator = Accelerator(
         cpu=cpu_ranks(),
         mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=args.report_to or None, project_config=ProjectConfiguration(project_dir=args.logdir, logging_dir=args.logdir),
+        log_with=trackers_of(args.report_to), project_config=ProjectConfiguration(project_dir=args.logdir, logging_dir=args.logdir),
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if trainer is not None:
@@ -268,6 +276,7 @@ def main():
         checkpoint.clean_temporaries(args.logdir)  # what a crash mid-save left behind
         record_start(args, resume_from)
         accelerator.init_trackers("rpo", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        truncate_history(args.logdir, state.step)  # lines a killed run wrote after its checkpoint come again
 
     moments = None
     if args.cache_latents:  # before the loader: it then skips decoding pixels
@@ -300,7 +309,24 @@ def main():
                                   scheduler=args.validation_scheduler, num_inference_steps=args.validation_num_inference_steps,
                                   guidance_scale=args.validation_guidance_scale, resolution=args.resolution, seed=args.seed,
                                   images_per_prompt=args.score_num_images_per_prompt, batch_size=args.score_batch_size,
-                                  sdxl=args.sdxl))
+                                  sdxl=args.sdxl),
+                              on_score=lambda step, logs: append_history(args.logdir, {"kind": "validation", "step": step, **logs}))
+    if accelerator.is_main_process:
+        print_summary(args, len(experts), world, num_updates, state.step, validator)
+    def validate(step):  # with the EMA weights, what ckpt-N/ema holds
+        with ema.swapped_into(params.named_trainable()) if ema is not None else nullcontext():
+            validator.run(params.trainable, step)
+        if accelerator.is_main_process:
+            write_plots(args.logdir)
+    if validator is not None:
+        # Step 0 is the starting model, before any update. ckpt-N is saved before the validation
+        # of step N runs, so a run killed during it resumes after N: finish that one first
+        # (only its missing images are made; rpo/training/validation.py).
+        if state.step == 0 and not os.path.isfile(os.path.join(args.logdir, "images", "step-0.png")):
+            validate(0)
+        elif (state.step and (state.step % args.validation_steps == 0 or os.path.isdir(validator.folder(state.step)))
+              and not validator.complete(state.step)):
+            validate(state.step)
 
     # ---------------------------------------------------------------- loop
     bar = tqdm(range(state.step + 1, args.num_steps + 1), initial=state.step, total=args.num_steps,
@@ -329,6 +355,8 @@ def main():
             logs.update({"params/lr": lr_scheduler.get_last_lr()[0], "params/buffer_size": len(state.buffer),
                          "perf/seconds_per_step": seconds, "perf/samples_per_second": args.batch_size * world / seconds})
             accelerator.log(logs, step=step)
+            if accelerator.is_main_process:
+                append_history(args.logdir, {"kind": "train", "step": step, **logs})
             bar.set_postfix(loss=f"{means[0]:.4g}", lr=f"{logs['params/lr']:.2g}")
             running.zero_()
             tic = time.perf_counter()
@@ -338,13 +366,37 @@ def main():
             save_checkpoint(logdir=args.logdir, accelerator=accelerator, model=model, params=params, ema=ema, state=state,
                             args=vars(args), keep=args.checkpoints_total_limit, keep_weights=args.checkpoints_keep_weights)
         if validator is not None and (step % args.validation_steps == 0 or step == args.num_steps):
-            with ema.swapped_into(params.named_trainable()) if ema is not None else nullcontext():
-                validator.run(params.trainable, step)
+            validate(step)
+        elif step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+            write_plots(args.logdir)
         if step % args.checkpointing_steps == 0 or (validator is not None and step % args.validation_steps == 0):
             tic = time.perf_counter()  # seconds_per_step measures training, not saving or validating
     accelerator.end_training()
     if accelerator.is_main_process:
+        write_plots(args.logdir)
         print(f"done: {args.num_steps} micro-steps; checkpoints in {args.logdir}")
+        if args.export_pipeline:
+            from tools.export_pipeline import export
+            export(checkpoint.final_dir(args.logdir, args.num_steps), args.export_pipeline, base=args.pretrained_model_name_or_path)
+            print(f"exported {checkpoint.final_dir(args.logdir, args.num_steps)} as a pipeline -> {args.export_pipeline}")
+
+
+def print_summary(args, examples, world, num_updates, start, validator):
+    """What this run will do and where its outputs go, printed once at start-up."""
+    effective = args.batch_size * args.gradient_accumulation_steps * world
+    remaining = args.num_steps - start
+    lines = [f"training: {examples} expert examples; effective batch {effective} = {args.batch_size} per process x "
+             f"{args.gradient_accumulation_steps} accumulation x {world} process{'es' if world > 1 else ''}",
+             f"  {args.num_steps} micro-steps = {num_updates} optimizer updates"
+             + (f"; resuming at micro-step {start}, {remaining} to go" if start else ""),
+             f"  checkpoints every {args.checkpointing_steps} micro-steps -> {os.path.join(args.logdir, 'ckpt-N')}",
+             f"  history -> {os.path.join(args.logdir, 'history.jsonl')}, plots -> {os.path.join(args.logdir, 'plots')}"]
+    if validator is not None:
+        lines.append(f"  validation of {validator.num_images()} images at step 0 and every {args.validation_steps} "
+                     f"micro-steps -> {os.path.join(args.logdir, 'images')}")
+    if args.export_pipeline:
+        lines.append(f"  at the end, a diffusers pipeline -> {args.export_pipeline}")
+    tqdm.write("\n".join(lines))
 
 
 def lora_target_list(args):

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from rpo.cli import UserError
 from rpo.diffusion.buffer import ReplayBuffer
 from rpo.training import checkpoint
+from rpo.training.card import write_card
 
 
 @dataclass
@@ -81,6 +82,7 @@ def save_checkpoint(*, logdir, accelerator, model, params, ema, state, args, kee
         if ema is not None:
             trainer["ema"] = ema.state_dict()
         torch.save(trainer, os.path.join(state_dir, "trainer.pt"))  # written last: marks the state complete
+        write_card(path, final=checkpoint.final_dir(logdir, step), args=args, step=step, world=accelerator.num_processes)
         checkpoint.commit(logdir, step, keep, keep_weights)
     accelerator.wait_for_everyone()
     return checkpoint.final_dir(logdir, step)
