@@ -32,12 +32,23 @@ diffusers scheduler run on that row alone (tests/test_schedulers.py):
 Noise levels are computed in float32; `step` returns the dtype of `sample`.
 """
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
 from rpo.cli import UserError
 
-SCHEDULERS = ("DDPM", "DDIM", "DPMSolver++")
+# Every sampler name rpo knows, in one place. Rollouts need per-sample timesteps, which
+# rpo implements for the first three (PerSampleScheduler below); validation and inference
+# use the stock diffusers classes of STOCK_SCHEDULERS. "SDXL" is the paper's code's name
+# for Euler (EulerDiscrete).
+STOCK_SCHEDULERS = {
+    "DDPM": DDPMScheduler,
+    "DDIM": DDIMScheduler,
+    "DPMSolver++": DPMSolverMultistepScheduler,  # algorithm_type="dpmsolver++" is its default
+    "Euler": EulerDiscreteScheduler,
+    "SDXL": EulerDiscreteScheduler,
+}
+SCHEDULERS = ("DDPM", "DDIM", "DPMSolver++")  # the rollout (per-sample) samplers
 
 
 def check_name(name):

@@ -18,11 +18,12 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
+from rpo.scores import HPS_VERSIONS
 from rpo.cli import UserError
 from rpo.scores.base import Scorer, fingerprint, hub_file, prepare, resolve
 
 REPO = "xswu/HPSv2"
-CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+CHECKPOINTS = dict(zip(HPS_VERSIONS, ("HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt")))
 ARCHITECTURE = "ViT-H-14"
 
 
