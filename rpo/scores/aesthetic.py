@@ -19,7 +19,7 @@ from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
 from rpo.cli import UserError
-from rpo.scores.base import Scorer, cache_dir, download, fingerprint, from_pretrained, load_model, prepare, resolve
+from rpo.scores.base import Scorer, cache_dir, download, from_pretrained, load_model, prepare, release_version, resolve
 from rpo.scores.pickscore import ImageTransform
 
 CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -35,7 +35,7 @@ class Head:
 HEADS = {
     "aestheticv1": Head("sa_0_4_vit_l_14_linear.pth",
                         "https://github.com/LAION-AI/aesthetic-predictor/raw/main/sa_0_4_vit_l_14_linear.pth",
-                        None),
+                        "2cd4e60f4f24ae3bcd57b847b13c1f3ba27edc28cc1a7f9ce74ee9f421243cba"),
     "aestheticv2": Head("sac+logos+ava1-l14-linearMSE.pth",
                         "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                         "sac%2Blogos%2Bava1-l14-linearMSE.pth",
@@ -77,7 +77,8 @@ class Aesthetic(Scorer):
         self.name = name
         self.vision_model = prepare(vision_model, device)
         self.head = prepare(head, device)
-        self.version = f"{os.path.splitext(HEADS[name].filename)[0]}-{fingerprint(self.vision_model, self.head)}"
+        self.version = release_version(os.path.splitext(HEADS[name].filename)[0], [self.vision_model, self.head],
+                                       [self.transform])
 
     @torch.no_grad()
     def score_tensors(self, pixels, prompts=None):

@@ -8,6 +8,7 @@ folder to put it in, never a stack trace or a minutes-long retry loop (set
 `HF_HUB_OFFLINE=1` on machines without network).
 """
 import hashlib
+import json
 import os
 import urllib.request
 
@@ -56,6 +57,40 @@ class Scorer:
         return self.score_tensors(pixels, list(prompts))
 
 
+# Bump when any metric's computation changes (formula, preprocessing code, tokenization):
+# every cached score then carries another version and is recomputed, never mixed with new ones.
+SCORING_CODE_VERSION = 2
+
+
+def describe(obj):
+    """A stable text of what a transform or tokenizer does, without file paths: its own
+    key, a tokenizers-library JSON (vocabulary, merges, normalizer), the vocabulary, merges
+    and settings of a slow or open_clip tokenizer, or else its repr (torchvision's Compose
+    lists every step with its parameters)."""
+    if hasattr(obj, "key"):
+        return repr(obj.key)
+    backend = getattr(obj, "backend_tokenizer", None)
+    if backend is not None:
+        return backend.to_str()
+    if not (hasattr(obj, "get_vocab") or hasattr(obj, "encoder")):
+        return repr(obj)
+    parts = [repr(sorted(table.items(), key=repr)) for table in
+             (getattr(obj, name, None) for name in ("encoder", "vocab", "bpe_ranks")) if isinstance(table, dict)]
+    settings = {k: v for k, v in getattr(obj, "init_kwargs", {}).items()
+                if isinstance(v, (str, int, float, bool)) and "path" not in k and "file" not in k}
+    parts += [json.dumps(settings, sort_keys=True), repr(getattr(obj, "context_length", None)),
+              repr(getattr(obj, "model_max_length", None)), repr(sorted(getattr(obj, "all_special_tokens", [])))]
+    return "\n".join(parts)
+
+
+def release_version(release, models, preprocessing):
+    """`<release>-<weights fingerprint>-<preprocessing fingerprint>-c<code version>`: a cache
+    keyed by it changes when the weights, the preprocessor or tokenizer files, or the
+    scoring code change."""
+    digest = hashlib.sha256("\0".join(describe(p) for p in preprocessing).encode()).hexdigest()[:8]
+    return f"{release}-{fingerprint(*models)}-{digest}-c{SCORING_CODE_VERSION}"
+
+
 def fingerprint(*modules):
     """A short hash of the weights' values (names, shapes and the first values of each
     tensor): cheap even for ViT-H, different for any two real or random checkpoints."""
@@ -94,7 +129,7 @@ def from_pretrained(cls, source, what, hint, **kwargs):
     """`cls.from_pretrained(source)`, a missing model turned into one line."""
     try:
         return cls.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: mis-shaped tensors in the weights file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load the {what} from '{source}' ({reason}); {hint}") from None
 

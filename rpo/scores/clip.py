@@ -9,7 +9,7 @@ square images (every generated benchmark image) this equals a centre crop.
 """
 import open_clip
 
-from rpo.scores.base import fingerprint, resolve
+from rpo.scores.base import release_version, resolve
 from rpo.scores.hpsv2 import OpenClipCosine, build, check_tokenizer
 
 REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -20,7 +20,7 @@ class ClipScore(OpenClipCosine):
 
     def __init__(self, model, tokenizer, device):
         super().__init__(model, tokenizer, device)
-        self.version = f"ViT-H-14-laion2B-s32B-b79K-{fingerprint(self.model)}"
+        self.version = release_version("ViT-H-14-laion2B-s32B-b79K", [self.model], [self.transform, tokenizer])
 
 
 def load(name="clip", weights_dir=None, device="cpu", **_):

@@ -20,7 +20,7 @@ from torchvision.transforms import InterpolationMode
 
 from rpo.scores import HPS_VERSIONS
 from rpo.cli import UserError
-from rpo.scores.base import Scorer, fingerprint, hub_file, prepare, resolve
+from rpo.scores.base import Scorer, hub_file, prepare, release_version, resolve
 
 REPO = "xswu/HPSv2"
 CHECKPOINTS = dict(zip(HPS_VERSIONS, ("HPS_v2_compressed.pt", "HPS_v2.1_compressed.pt")))
@@ -91,7 +91,7 @@ class HPSv2(OpenClipCosine):
 
     def __init__(self, model, tokenizer, device, hps_version):
         super().__init__(model, tokenizer, device)
-        self.version = f"{hps_version}-{fingerprint(self.model)}"
+        self.version = release_version(hps_version, [self.model], [self.transform, tokenizer])
 
 
 @contextlib.contextmanager

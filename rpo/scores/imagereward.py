@@ -21,7 +21,7 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from rpo.cli import UserError
 from rpo.scores.aesthetic import MLP
-from rpo.scores.base import Scorer, check_vocabulary, fingerprint, from_pretrained, hub_file, prepare, resolve
+from rpo.scores.base import Scorer, check_vocabulary, from_pretrained, hub_file, prepare, release_version, resolve
 
 REPO = "THUDM/ImageReward"
 TOKENIZER = "bert-base-uncased"
@@ -113,7 +113,7 @@ class ImageReward(Scorer):
         super().__init__(image_transform(vision.config.image_size), device)
         self.vision, self.text, self.mlp = prepare(vision, device), prepare(text, device), prepare(mlp, device)
         self.tokenizer = tokenizer
-        self.version = f"v1.0-{fingerprint(self.vision, self.text, self.mlp)}"
+        self.version = release_version("v1.0", [self.vision, self.text, self.mlp], [self.transform, tokenizer])
 
     @torch.no_grad()
     def score_tensors(self, pixels, prompts):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-from rpo.scores.base import Scorer, check_vocabulary, fingerprint, from_pretrained, load_model, prepare, resolve
+from rpo.scores.base import Scorer, check_vocabulary, from_pretrained, load_model, prepare, release_version, resolve
 
 MODEL = "yuvalkirstain/PickScore_v1"
 PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -35,7 +35,7 @@ class PickScore(Scorer):
         super().__init__(ImageTransform(image_processor), device)
         self.model = prepare(model, device)
         self.tokenizer = tokenizer
-        self.version = f"v1-{fingerprint(self.model)}"
+        self.version = release_version("v1", [self.model], [self.transform, tokenizer])
 
     @torch.no_grad()
     def score_tensors(self, pixels, prompts):
