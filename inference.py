@@ -36,6 +36,9 @@ def build_parser():
                         "default: the pipeline's own")
     p.add_argument("--unet_subfolder", default=None)
     p.add_argument("--unet_variant", default=None)
+    p.add_argument("--lora", default=None,
+                   help="LoRA weights to load into the UNet with pipe.load_lora_weights: a folder such as "
+                        "<logdir>/ckpt-N/lora_ema (train.py --lora_rank), or a hub id")
     p.add_argument("--scheduler", default="DDPM", choices=list(generate.SCHEDULERS),
                    help="stock diffusers sampler; SDXL is the public code's name for Euler")
     p.add_argument("--num_inference_steps", type=int, default=50)
@@ -90,7 +93,37 @@ def settings_of(args, pipe, resolution, num_prompts):
         "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
         "resolution": resolution, "seed": args.seed, "mixed_precision": args.mixed_precision,
         "safety_checker": args.safety_checker, "num_prompts": num_prompts,
+        **({"lora": lora_fingerprint(args.lora)} if args.lora else {}),  # absent without --lora: old manifests match
     }
+
+
+def check_lora_path(path):
+    """Refuse a local --lora that holds no LoRA weights, before any model loads."""
+    if path is None:
+        return
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1
+    if os.path.isdir(path):
+        if not any(n.endswith(".safetensors") for n in os.listdir(path)):
+            raise UserError(f"--lora {path}: no .safetensors file in it (train.py writes ckpt-N/lora_ema/"
+                            "pytorch_lora_weights.safetensors)")
+    elif os.path.exists(path) or looks_local:
+        raise UserError(f"--lora {path}: not a folder of LoRA weights (e.g. <logdir>/ckpt-N/lora_ema)")
+
+
+def lora_fingerprint(path):
+    """What identifies the --lora weights in the manifest: a local folder's real path and the
+    sha256 of each weight file; a hub id as given."""
+    import hashlib
+    if not os.path.isdir(path):
+        return {"id": path}
+    files = {}
+    for name in sorted(n for n in os.listdir(path) if n.endswith(".safetensors")):
+        h = hashlib.sha256()
+        with open(os.path.join(path, name), "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+        files[name] = h.hexdigest()
+    return {"folder": os.path.realpath(path), "files": files}
 
 
 def main(argv=None):
@@ -99,6 +132,7 @@ def main(argv=None):
     # Cheap checks first: bad paths fail in the first second, before any weight loads.
     captions = [item.caption for item in PromptDataset(args.test_dataset_root, what="--test_dataset_root").items]
     generate.check_unet_path(args.unet, args.unet_subfolder)
+    check_lora_path(args.lora)
     check_pipeline_folder(args.pretrained_model_name_or_path, sdxl=args.sdxl)
     generate.check_output(args.output)
     generate.check_captions(args.output, captions)
@@ -112,6 +146,8 @@ def main(argv=None):
         unet_subfolder=args.unet_subfolder, unet_variant=args.unet_variant,
         dtype=generate.DTYPES[args.mixed_precision], safety_checker=args.safety_checker,
         revision=args.revision, cache_dir=args.cache_dir)
+    if args.lora:  # the adapter at scale 1 on the UNet, as a stock pipeline loads it
+        pipe.load_lora_weights(args.lora)
     pipe.scheduler = generate.make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe.to(state.device)
     resolution = args.resolution or generate.default_resolution(pipe)

@@ -267,3 +267,38 @@ def test_bad_lora_input_is_one_line(kit, tmp_path, extra, message):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert message in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_inference_lora_equals_validation_and_is_fingerprinted(kit, tmp_path):
+    import json
+    from test_train import REPO
+    log, out = tmp_path / "log", tmp_path / "out"
+    run(train_cmd(kit, log, "--lora_rank", "4", "--num_steps", "4", "--gradient_accumulation_steps", "2",
+                  "--checkpointing_steps", "4", "--buffer_update_steps", "2", "--learning_rate", "1e-2",
+                  "--validation_steps", "4", "--validation_num_inference_steps", "3", "--validation_guidance_scale", "3.0",
+                  "--score_batch_size", "2"))
+    def infer(lora_dir, output, ok=True):
+        return run([os.sys.executable, os.path.join(REPO, "inference.py"), "--pretrained_model_name_or_path", kit["sd15"],
+                    "--lora", str(lora_dir), "--test_dataset_root", kit["prompts"], "--output", str(output),
+                    "--scheduler", "DDPM", "--num_inference_steps", "3", "--guidance_scale", "3.0",
+                    "--num_images_per_prompt", "1", "--resolution", "32", "--seed", "0", "--mixed_precision", "no",
+                    "--batch_size", "2", "--num_workers", "0"], ok=ok)
+    infer(log / "ckpt-4" / "lora_ema", out)
+    val = log / "images" / "step-4"
+    pairs = [(root, name) for root, _, files in os.walk(val) for name in files if name.endswith(".png")]
+    assert pairs
+    for root, name in pairs:
+        a = np.asarray(Image.open(os.path.join(root, name)), dtype=np.int16)
+        b = np.asarray(Image.open(os.path.join(out, os.path.relpath(root, val), name)), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, name
+    import hashlib
+    with open(log / "ckpt-4" / "lora_ema" / LORA_FILE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with open(out / "manifest.json", encoding="utf-8") as f:
+        manifest = json.load(f)
+    assert manifest["settings"]["lora"]["files"] == {LORA_FILE: digest}
+    # other adapter weights into the same output: refused, one line
+    proc = infer(log / "ckpt-4" / "lora", out, ok=False)
+    assert proc.returncode != 0 and "lora" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    proc = infer(tmp_path / "missing", tmp_path / "out2", ok=False)
+    assert proc.returncode != 0 and "--lora" in proc.stderr.strip().splitlines()[-1]
