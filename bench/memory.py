@@ -1,6 +1,7 @@
-"""Memory of Diffusion-DRO training for the SD1.5 UNet under each precision mode.
+"""Memory of Diffusion-DRO training for the SD1.5 UNet under each precision mode, and for
+SD1.5 / SDXL with full fine-tuning or LoRA.
 
-    python bench/memory.py [--measure] [--latent 16]
+    python bench/memory.py [--measure] [--latent 16] [--measure_sdxl_lora]
 
 Part 1 (always): bytes of weights, gradients, AdamW state and EMA per GPU from parameter
 counts of the real architectures (random weights, built on the meta device, so instant).
@@ -8,15 +9,24 @@ Part 2 (--measure): peak resident memory of one real micro-step of the full-size
 UNet (859.5 M parameters, random weights) on the CPU in the default bf16 mode, at a small
 latent size: reference forward, trainable forward + backward, AdamW step. The excess over
 the static bytes is the activations' share at that latent size.
+Part 3 (always): SD1.5 and SDXL, full fine-tuning and LoRA (rank 4 on diffusers' default
+targets, the adapter counted by adding it with peft to the meta-device UNet), bf16 default.
+Part 4 (--measure_sdxl_lora): the same micro-step for the full-size SDXL UNet (2.567 B
+parameters, random weights) with a rank-4 LoRA: one bf16 UNet, the reference being the base
+with adapters disabled.
 """
 import argparse
 import gc
+import os
 import resource
+import sys
 import time
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # rpo, from a checkout
 
 GiB = 1024 ** 3
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
@@ -27,6 +37,17 @@ SD15_VAE = dict(block_out_channels=(128, 256, 512, 512), latent_channels=4, laye
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  max_position_embeddings=77, vocab_size=49408)
+
+
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the architecture keys)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
+                 block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+# the second text encoder of SDXL (OpenCLIP ViT-bigG/14 text tower, text_encoder_2/config.json)
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu")
 
 
 def count(module_fn):
@@ -50,6 +71,38 @@ def table(unet, vae, text):
                 ("reference UNet", ref * unet), ("rollout UNet (paper's code; rpo shares it by default)", roll * unet),
                 ("EMA (0 on GPU with --offload_ema)", ema * unet), ("text encoder + VAE", frozen_bf16 if w == 2 or ref == 2 else 2 * frozen_bf16)]
         out.append((mode, [(name, b / GiB) for name, b in rows]))
+    return out
+
+
+def lora_count(unet_config, rank=4, targets=None):
+    """Parameters of a rank-`rank` LoRA adapter on the UNet, as peft adds it (meta device)."""
+    from peft import LoraConfig
+    from rpo.training.parametrisation import LORA_TARGET_MODULES
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets or LORA_TARGET_MODULES),
+                                    init_lora_weights=True), adapter_name="policy")
+    return sum(p.numel() for n, p in unet.named_parameters() if ".lora_" in n)
+
+
+def family_table(rank=4):
+    """(name, static GiB rows) for SD1.5/SDXL x full/LoRA in the default bf16 mode, rpo's
+    layout: shared rollout model, EMA offloaded (0 on the GPU), reference = a second UNet for
+    full fine-tuning, the base itself (adapters disabled) for LoRA. Text encoders + VAE bf16."""
+    from transformers import CLIPTextModelWithProjection
+    vae = count(lambda: AutoencoderKL(**SD15_VAE))  # SDXL's VAE has SD1.5's architecture
+    text_l = count(lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT)))
+    text_g = count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2)))
+    out = []
+    for model, config, frozen in (("SD1.5", SD15_UNET, vae + text_l), ("SDXL", SDXL_UNET, vae + text_l + text_g)):
+        unet = count(lambda: UNet2DConditionModel(**config))
+        adapter = lora_count(config, rank)
+        for kind in ("full", f"LoRA r{rank}"):
+            if kind == "full":  # trainable, grads, AdamW m+v, reference
+                rows = (2 * unet, 2 * unet, 4 * unet, 2 * unet)
+            else:  # base (also the reference), adapter, its grads, its AdamW m+v
+                rows = (2 * unet + 2 * adapter, 2 * adapter, 4 * adapter, 0)
+            out.append((f"{model} {kind}", unet, adapter, [b / GiB for b in (*rows, 2 * frozen)]))
     return out
 
 
@@ -79,11 +132,47 @@ def measure(latent, pairs):
     return base, max_rss_gib(), seconds
 
 
+def measure_sdxl_lora(latent, pairs, rank=4):
+    """One micro-step of the full-size SDXL UNet with a rank-`rank` LoRA in bf16 on the CPU:
+    reference forward (adapters disabled), trainable forward + backward, AdamW step."""
+    from peft import LoraConfig
+    from rpo.training.parametrisation import LORA_TARGET_MODULES
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    unet = UNet2DConditionModel(**SDXL_UNET).requires_grad_(False)
+    torch.set_default_dtype(torch.float32)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGET_MODULES), init_lora_weights=True),
+                     adapter_name="policy")
+    unet.to(torch.bfloat16)
+    adapter = [p for n, p in unet.named_parameters() if ".lora_" in n]
+    opt = torch.optim.AdamW(adapter, lr=1e-4)
+    gc.collect()
+    base = max_rss_gib()
+    n = 2 * pairs
+    x = torch.randn(n, 4, latent, latent, dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (n,))
+    c = torch.randn(n, 77, 2048, dtype=torch.bfloat16)
+    added = {"text_embeds": torch.randn(n, 1280, dtype=torch.bfloat16),
+             "time_ids": torch.tensor([[8 * latent, 8 * latent, 0, 0, 8 * latent, 8 * latent]] * n, dtype=torch.bfloat16)}
+    tic = time.perf_counter()
+    with torch.no_grad():
+        unet.disable_adapters()
+        unet(x, t, c, added_cond_kwargs=added)
+        unet.enable_adapters()
+    loss = unet(x, t, c, added_cond_kwargs=added).sample.float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    seconds = time.perf_counter() - tic
+    return base, max_rss_gib(), seconds, sum(p.numel() for p in adapter)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--measure", action="store_true")
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--pairs", type=int, default=2)
+    parser.add_argument("--measure_sdxl_lora", action="store_true")
+    parser.add_argument("--rank", type=int, default=4)
     args = parser.parse_args()
     unet = count(lambda: UNet2DConditionModel(**SD15_UNET))
     vae = count(lambda: AutoencoderKL(**SD15_VAE))
@@ -96,6 +185,17 @@ def main():
     print("\ncolumns: " + ", ".join(name for name, _ in table(unet, vae, text)[0][1]) +
           ", total as the paper's code (basiclab/DiffusionDRO) holds it, total in rpo's default"
           " (shared rollout, EMA offloaded); GiB per GPU")
+    print("\n| model | UNet params | LoRA params | UNet (+ adapter) weights | grads | AdamW | reference | text enc + VAE | total |")
+    for name, unet_n, adapter_n, rows in family_table(args.rank):
+        print(f"| {name} | {unet_n / 1e6:.1f} M | {adapter_n / 1e6:.2f} M | " + " | ".join(f"{b:.2f}" for b in rows)
+              + f" | {sum(rows):.2f} |")
+    print("(bf16, GiB per GPU, rpo's default layout: shared rollout model, EMA offloaded; activations come on top)")
+    if args.measure_sdxl_lora:
+        base, peak, seconds, adapter_n = measure_sdxl_lora(args.latent, args.pairs, args.rank)
+        print(f"\nmeasured: SDXL UNet + LoRA r{args.rank} ({adapter_n / 1e6:.2f} M adapter parameters), CPU, bf16, "
+              f"latent {args.latent}x{args.latent}, {args.pairs} pairs ({2 * args.pairs} UNet samples), one micro-step in {seconds:.1f} s:")
+        print(f"  resident after building the UNet with its adapter: {base:.2f} GiB; peak during the micro-step: {peak:.2f} GiB "
+              f"(+ {peak - base:.2f} activations, adapter gradients, AdamW state and workspace)")
     if args.measure:
         base, peak, seconds = measure(args.latent, args.pairs)
         grads_and_adam = (2 + 4) * unet / GiB  # allocated during the step, bf16
