@@ -9,8 +9,9 @@
         (accelerate's save_state: model, optimizer, LR scheduler, RNG states)
         rank<r>.pt              this rank's replay buffer and generators
         rollout_unet.safetensors the lagging rollout weights, when there is such a copy
-        trainer.pt              step, data position, world size, arguments, EMA; written last,
-                                so its presence marks the state complete
+        trainer.pt              step, data position, world size, arguments, EMA; its
+                                presence marks the state complete
+        SHA256SUMS.json         size and sha256 of every file above, checked before a resume
 
 `TrainState` is what changes during training besides the weights and the optimizer; every
 random draw comes from its two generators, so a resumed run repeats the same numbers.
@@ -81,7 +82,8 @@ def save_checkpoint(*, logdir, accelerator, model, params, ema, state, args, kee
                    "world": accelerator.num_processes, "args": dict(args)}
         if ema is not None:
             trainer["ema"] = ema.state_dict()
-        torch.save(trainer, os.path.join(state_dir, "trainer.pt"))  # written last: marks the state complete
+        torch.save(trainer, os.path.join(state_dir, "trainer.pt"))  # marks the state complete
+        checkpoint.write_checksums(state_dir)  # what resume verifies before it loads anything
         write_card(path, final=checkpoint.final_dir(logdir, step), args=args, step=step, world=accelerator.num_processes)
         checkpoint.commit(logdir, step, keep, keep_weights)
     accelerator.wait_for_everyone()
@@ -93,14 +95,16 @@ def read_trainer(path):
     return checkpoint.load_torch(os.path.join(path, "state", "trainer.pt"))
 
 
-def check_resume(trainer, *, path, world, args, invariants):
+def check_resume(trainer, *, path, world, args, invariants, defaults=None):
     """Refuse a resume that would be silently wrong: another world size, or a changed option
-    that shapes the state being restored."""
+    that shapes the state being restored. An option the checkpoint does not record (it
+    predates the option) counts as its default, `defaults[name]`."""
+    defaults = defaults or {}
     if trainer["world"] != world:
         raise UserError(f"--resume: {path} was written by {trainer['world']} processes, this run has {world}; "
                         "each rank's data shard and replay buffer are part of the state")
     for name in invariants:
-        saved, now = trainer["args"].get(name), args.get(name)
+        saved, now = trainer["args"].get(name, defaults.get(name)), args.get(name)
         if saved != now:
             raise UserError(f"--resume: --{name} was {saved!r} in {path}, now {now!r}")
 
@@ -115,3 +119,16 @@ def load_checkpoint(*, path, trainer, accelerator, params, ema, state):
     state.step, state.expert_batches_used = trainer["step"], trainer["expert_batches_used"]
     rollout = os.path.join(state_dir, "rollout_unet.safetensors")
     params.load_rollout_state(load_file(rollout) if os.path.exists(rollout) else None)
+    check_finite(params, ema, state_dir)
+
+
+def check_finite(params, ema, state_dir):
+    """Refuse NaN/inf weights (a checkpoint written after the run diverged, or one without
+    checksums that was damaged): training on from them would only spread them."""
+    for name, p in params.named_trainable():
+        if not torch.isfinite(p).all():
+            raise UserError(f"--resume: {state_dir} holds non-finite weights ({name}); resume from an earlier checkpoint")
+    if ema is not None:
+        for name, v in ema.named_shadows().items():
+            if not torch.isfinite(v).all():
+                raise UserError(f"--resume: the EMA in {state_dir}/trainer.pt holds non-finite values ({name})")
