@@ -27,23 +27,36 @@ from rpo.diffusion.family import UNetFamily, read_schedule_config
 from rpo.diffusion.loss import STAT_KEYS as STATS
 from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler
 from rpo.generate import SCHEDULERS as STOCK_SCHEDULERS, check_unet_path
-from rpo.models import check_pipeline_folder, load_text_encoders, load_unet, load_vae
-from rpo.scores import load_scorer
+from rpo.models import DTYPES, check_pipeline_folder, load_text_encoders, load_unet, load_vae, offline_unless_hub_reachable
+from rpo.scores import HPS_VERSIONS, load_scorer
 from rpo.training import checkpoint
 from rpo.training.ema import NamedEMA
 from rpo.training.latents import encode_moments
 from rpo.training.parametrisation import LORA_TARGET_MODULES, FullFineTune, LoRAFineTune, lora_targets_matched
-from rpo.training.state import TrainState, check_resume, load_checkpoint, read_trainer, save_checkpoint
 from rpo.training.speed import speed_up, unets_of
+from rpo.training.state import TrainState, check_resume, load_checkpoint, read_trainer, save_checkpoint
 from rpo.training.steps import SFT_STAT_KEYS, Refiller, RolloutSettings, dro_micro_step, sft_micro_step, truncation_applies
 from rpo.training.plots import append_history, truncate_history, write_plots
 from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator, trackers_of
 
-# Options that must not change across a resume: they shape the state being restored.
-RESUME_INVARIANTS = ("pretrained_model_name_or_path", "unet", "reference_unet", "sdxl", "train_dataset", "resolution", "batch_size",
-                     "gradient_accumulation_steps", "buffer_size", "buffer_batch_size", "buffer_num_inference_steps",
-                     "buffer_sync", "seed", "use_ema", "mixed_precision", "fp32_master_weights",
-                     "objective", "lora_rank", "lora_alpha", "lora_target_modules")
+# What a resume may change. Every option not listed here shapes the state being restored
+# (models, data order, buffer shapes, precision, the LR schedule) and is refused when changed,
+# naming it; these take effect from the resumed step on, and the change is printed.
+RESUME_CHANGEABLE = (
+    "num_steps", "checkpointing_steps", "checkpoints_total_limit", "checkpoints_keep_weights",
+    "validation_dataset", "validation_steps", "validation_scheduler", "validation_num_inference_steps",
+    "validation_guidance_scale", "score", "score_batch_size", "score_num_images_per_prompt", "hps_version", "weights_dir",
+    "learning_rate", "max_grad_norm", "margin", "hinge", "random_drop_prompt_probability", "random_flip", "random_crop",
+    "buffer_guidance_scale", "buffer_perturb_timesteps", "buffer_scheduler", "buffer_batch_accumulation",
+    "gradient_checkpointing", "allow_tf32", "offload_ema", "dataloader_num_workers", "report_to", "export_pipeline",
+    "truncate_rollouts", "compile", "channels_last",
+)
+RESUME_IGNORED = ("logdir", "resume", "overwrite", "config")  # how to find the run, not what it is
+
+
+def resume_invariants(parser):
+    return tuple(a.dest for a in parser._actions
+                 if a.dest != "help" and a.dest not in RESUME_CHANGEABLE and a.dest not in RESUME_IGNORED)
 
 
 def build_parser():
@@ -58,7 +71,15 @@ def build_parser():
     a("--reference_unet", default=None, help="UNet folder (or hub id) of the frozen reference; None: the pipeline's UNet")
     flag(p, "sdxl", False, "the SDXL path (two text encoders, size conditioning)")
     a("--vae", default=None, help="VAE to use instead of the pipeline's (SDXL default: madebyollin/sdxl-vae-fp16-fix)")
-    a("--train_dataset", default="./data/pickapicv2_hpsv2_500", help="expert folder dataset")
+    a("--revision", default=None, help="hub revision (branch, tag or commit) of the pipeline")
+    a("--cache_dir", default=None, help="where hub downloads are cached; None: the hub's default")
+    a("--train_dataset", default="./data/pickapicv2_hpsv2_500",
+      help="expert data: a folder dataset (one sub-folder per item with caption.txt and an image) or an image folder "
+           "with metadata.jsonl/metadata.csv (file_name + --caption_column)")
+    a("--train_dataset_name", default=None, help="a `datasets` dataset (hub id or local path) to take the experts from "
+                                                 "instead of --train_dataset; split 'train'")
+    a("--image_column", default="image", help="image column of --train_dataset_name")
+    a("--caption_column", default="text", help="caption column of --train_dataset_name or of an image folder's metadata")
     a("--resolution", type=int, default=512, help="resize the shorter side to this, crop a square; latents are resolution/8")
     flag(p, "random_crop", False, "random instead of centred crop")
     flag(p, "random_flip", True, "horizontal flip with p=0.5")
@@ -72,7 +93,7 @@ def build_parser():
     a("--score", choices=SCORE_CHOICES, default=None, help="metric logged at each validation (None: images only)")
     a("--score_batch_size", type=int, default=4, help="images per validation pipeline call and per scoring batch")
     a("--score_num_images_per_prompt", type=int, default=1)
-    a("--hps_version", choices=["v2.0", "v2.1"], default="v2.0", help="HPSv2 checkpoint for --score hpsv2")
+    a("--hps_version", choices=HPS_VERSIONS, default="v2.0", help="HPSv2 checkpoint for --score hpsv2")
     a("--weights_dir", default=None, help="local scorer weights (one sub-folder per metric, as `rpo.tiny scorers` writes)")
     # optimisation
     a("--batch_size", type=int, default=4, help="expert/policy pairs per process per micro-step")
@@ -185,13 +206,18 @@ def main():
     args = parse_args(build_parser())
     check_args(args)
     # Everything a user can get wrong is checked before any model loads.
-    experts = ExpertDataset(args.train_dataset, args.resolution, args.random_flip, args.random_crop)
+    experts = ExpertDataset(None if args.train_dataset_name else args.train_dataset, args.resolution, args.random_flip,
+                            args.random_crop, dataset_name=args.train_dataset_name, image_column=args.image_column,
+                            caption_column=args.caption_column, cache_dir=args.cache_dir)
     prompts = PromptDataset(args.validation_dataset, what="validation dataset") if args.validation_steps else None
-    check_pipeline_folder(args.pretrained_model_name_or_path)
+    check_pipeline_folder(args.pretrained_model_name_or_path, sdxl=args.sdxl)
     check_unet_path(args.unet, what="--unet")
     check_unet_path(args.reference_unet, what="--reference_unet")
-    schedule, _ = read_schedule_config(args.pretrained_model_name_or_path)
-    resume_from = checkpoint.resolve_resume(args.logdir, args.resume)
+    # without network a hub id would cost minutes of retries: switch to offline at once instead
+    offline_unless_hub_reachable([p for p in (args.pretrained_model_name_or_path, args.unet, args.reference_unet, args.vae)
+                                  if p is not None] + ([args.weights_dir] if args.score else []))
+    schedule, _ = read_schedule_config(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
+    resume_from = checkpoint.resolve_resume(args.logdir, args.resume)  # verifies the state's checksums
     trainer = read_trainer(resume_from[1]) if resume_from else None
 
     accelerator = Accelerator(
@@ -201,7 +227,9 @@ def main():
     )
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if trainer is not None:
-        check_resume(trainer, path=resume_from[1], world=world, args=vars(args), invariants=RESUME_INVARIANTS)
+        parser = build_parser()
+        check_resume(trainer, path=resume_from[1], world=world, args=vars(args), invariants=resume_invariants(parser),
+                     defaults={a.dest: a.default for a in parser._actions})
     elif accelerator.is_main_process:
         checkpoint.check_fresh_logdir(args.logdir, args.overwrite)
     if accelerator.distributed_type == DistributedType.FSDP and (args.use_ema or args.validation_steps):
@@ -220,16 +248,20 @@ def main():
     scorer = load_scorer(args.score, weights_dir=args.weights_dir, hps_version=args.hps_version) if args.score else None
 
     # ---------------------------------------------------------------- models
-    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    weight_dtype = DTYPES[args.mixed_precision]
     # The paper's code trains in pure bf16 (weights, grads, AdamW state, EMA); fp16 and
     # --fp32_master_weights keep fp32 master weights under autocast instead.
     train_dtype = torch.float32 if args.mixed_precision == "fp16" or args.fp32_master_weights else weight_dtype
     source = args.pretrained_model_name_or_path
     family = UNetFamily(schedule, sdxl=args.sdxl)
-    text = load_text_encoders(source, args.sdxl, args.variant, weight_dtype).to(device)
-    vae = load_vae(source, args.sdxl, args.variant, weight_dtype, vae=args.vae).to(device)
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    text = load_text_encoders(source, args.sdxl, args.variant, weight_dtype, **hub).to(device)
+    vae = load_vae(source, args.sdxl, args.variant, weight_dtype, vae=args.vae, **hub).to(device)
+
     def load(path, dtype, what):  # a UNet folder of its own, or the pipeline's
-        return load_unet(path, None, None, dtype, what=what) if path else load_unet(source, "unet", args.variant, dtype, what=what)
+        if path:
+            return load_unet(path, None, None, dtype, what=what, cache_dir=args.cache_dir)
+        return load_unet(source, "unet", args.variant, dtype, what=what, **hub)
     unet = load(args.unet, train_dtype, "trainable UNet (--unet)").to(device)
     sft, lora = args.objective == "sft", bool(args.lora_rank)
     # LoRA's reference is the base with adapters disabled; SFT has no reference
@@ -268,6 +300,10 @@ def main():
         load_checkpoint(path=resume_from[1], trainer=trainer, accelerator=accelerator, params=params, ema=ema, state=state)
         accelerator.step = state.step
         accelerator.print(f"resumed from {resume_from[1]} at micro-step {state.step}")
+        for name in RESUME_CHANGEABLE:
+            if trainer["args"].get(name) != getattr(args, name):
+                accelerator.print(f"--resume: --{name} changed from {trainer['args'].get(name)!r} to {getattr(args, name)!r}")
+        set_learning_rate(optimizer, lr_scheduler, lr)  # the restored optimizer and scheduler hold the old one
     else:
         params.refresh_rollout()
         if args.resume == "latest":
@@ -397,6 +433,16 @@ def print_summary(args, examples, world, num_updates, start, validator):
     if args.export_pipeline:
         lines.append(f"  at the end, a diffusers pipeline -> {args.export_pipeline}")
     tqdm.write("\n".join(lines))
+
+
+def set_learning_rate(optimizer, lr_scheduler, lr):
+    """Make `lr` the base learning rate of a restored optimizer and LR scheduler (both
+    remember the one they were saved with), keeping the schedule's position."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, lmbda in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * lmbda(scheduler.last_epoch)
 
 
 def lora_target_list(args):
