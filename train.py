@@ -205,6 +205,10 @@ def check_args(args):
 def main():
     args = parse_args(build_parser())
     check_args(args)
+    # without network a hub id would cost minutes of retries: switch to offline at once instead
+    offline_unless_hub_reachable([p for p in (args.pretrained_model_name_or_path, args.unet, args.reference_unet, args.vae,
+                                              args.train_dataset_name) if p is not None]
+                                 + ([args.weights_dir] if args.score else []))
     # Everything a user can get wrong is checked before any model loads.
     experts = ExpertDataset(None if args.train_dataset_name else args.train_dataset, args.resolution, args.random_flip,
                             args.random_crop, dataset_name=args.train_dataset_name, image_column=args.image_column,
@@ -213,9 +217,6 @@ def main():
     check_pipeline_folder(args.pretrained_model_name_or_path, sdxl=args.sdxl)
     check_unet_path(args.unet, what="--unet")
     check_unet_path(args.reference_unet, what="--reference_unet")
-    # without network a hub id would cost minutes of retries: switch to offline at once instead
-    offline_unless_hub_reachable([p for p in (args.pretrained_model_name_or_path, args.unet, args.reference_unet, args.vae)
-                                  if p is not None] + ([args.weights_dir] if args.score else []))
     schedule, _ = read_schedule_config(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
     resume_from = checkpoint.resolve_resume(args.logdir, args.resume)  # verifies the state's checksums
     trainer = read_trainer(resume_from[1]) if resume_from else None
