@@ -19,7 +19,8 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from rpo import generate
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import PromptDataset
-from rpo.models import check_pipeline_folder
+from rpo.models import (SDXL_VAE, check_pipeline_folder, fingerprint_change, offline_unless_hub_reachable,
+                        weights_fingerprint)
 
 
 def build_parser():
@@ -126,6 +127,41 @@ def lora_fingerprint(path):
     return {"folder": os.path.realpath(path), "files": files}
 
 
+WEIGHT_PARTS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2", "vae": "VAE"}
+
+
+def weights_of(args, memo):
+    """{part: fingerprint} of the weights this run generates with (rpo.models.weights_fingerprint):
+    the path says where they are, this says what they are."""
+    source, hub = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
+    parts = {"unet": weights_fingerprint(args.unet, args.unet_subfolder, cache_dir=args.cache_dir, memo=memo)
+             if args.unet else weights_fingerprint(source, "unet", **hub, memo=memo)}
+    for encoder in ("text_encoder", "text_encoder_2") if args.sdxl else ("text_encoder",):
+        parts[encoder] = weights_fingerprint(source, encoder, **hub, memo=memo)
+    if args.sdxl and not os.path.isdir(source):  # rpo.models.load_vae: the fp16-fix VAE for a hub SDXL
+        parts["vae"] = weights_fingerprint(SDXL_VAE, cache_dir=args.cache_dir, memo=memo)
+    else:
+        parts["vae"] = weights_fingerprint(source, "vae", **hub, memo=memo)
+    return parts
+
+
+def check_weights(output, manifest, weights):
+    """Refuse to add images made with other weights under the same paths; returns a warning
+    line for a manifest written before weights were recorded."""
+    if manifest is None:
+        return None
+    old = manifest.get("settings", {}).get("weights")
+    if old is None:
+        return (f"warning: {output}/{generate.MANIFEST} predates weight fingerprints: assuming its images were made "
+                "with the weights now at the same paths, and recording them")
+    for part, label in WEIGHT_PARTS.items():
+        change = fingerprint_change(old.get(part), weights.get(part)) if (part in old or part in weights) else None
+        if change:
+            raise UserError(f"--output {output}: the {label} weights changed since its images were made ({change}): "
+                            "use another --output or the original weights")
+    return None
+
+
 def main(argv=None):
     args = parse_args(build_parser(), argv)
     check_numbers(args)
@@ -138,6 +174,10 @@ def main(argv=None):
     generate.check_captions(args.output, captions)
 
     state = start_processes()
+    if args.mixed_precision == "fp16" and state.device.type == "cpu":
+        raise UserError("--mixed_precision fp16 on the CPU: PyTorch's CPU kernels lack or crawl through fp16 "
+                        "matmuls and convolutions; use --mixed_precision bf16 or no")
+    offline_unless_hub_reachable([args.pretrained_model_name_or_path] + ([args.unet] if args.unet else []))
     # Loading bars of every rank would bury the one line that matters (an error, the summary).
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -158,11 +198,17 @@ def main(argv=None):
     # until every check passed, so a refused run leaves the output as it was.
     settings = settings_of(args, pipe, resolution, len(captions))
     jobs, done = generate.plan(args.output, len(captions), args.num_images_per_prompt, args.seed)
-    warning = generate.check_manifest(args.output, generate.read_manifest(args.output), settings, done)
+    manifest = generate.read_manifest(args.output)
+    memo = dict((manifest or {}).get("weight_hashes", {}))  # unchanged files (size, mtime) are not re-read
+    weights = weights_of(args, memo)
+    warnings = [check_weights(args.output, manifest, weights)]
+    if manifest is not None:  # weights compared above, by part; check_manifest compares the rest
+        manifest = {**manifest, "settings": {k: v for k, v in manifest.get("settings", {}).items() if k != "weights"}}
+    warnings.append(generate.check_manifest(args.output, manifest, settings, done))
     if state.is_main_process:
-        if warning:
+        for warning in filter(None, warnings):
             print(warning)
-        generate.write_manifest(args.output, settings, vars(args))
+        generate.write_manifest(args.output, {**settings, "weights": weights}, vars(args), {"weight_hashes": memo})
         generate.write_captions(args.output, captions)
     state.wait_for_everyone()
 

@@ -16,8 +16,9 @@ scores.json adds wins, ties and losses apart and a bootstrap 95 % interval per m
 `--report FILE.html` also writes one self-contained page (tables, confidence intervals,
 win rates, a per-prompt gallery of thumbnails; rpo/scores/html_report.py).
 
-Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py):
-a rerun scores only new or changed images. Each scorer is loaded once for all dirs; with
+Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py),
+appended batch by batch while scoring: a rerun, even of a killed run, scores only new,
+changed or missing images. Every dir and `--output` must be writable (checked first). Each scorer is loaded once for all dirs; with
 several processes each scores its share and the results are gathered in a fixed order, so
 the tables do not depend on the number of processes.
 """
@@ -31,9 +32,10 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
-from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
+from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_main
+from rpo.models import offline_unless_hub_reachable
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
-from rpo.scores.folders import read_cache, scan_image_dir, write_atomic, write_cache
+from rpo.scores.folders import CacheAppender, has_side_files, read_cache, scan_image_dir, write_atomic, write_cache
 from rpo.scores.html_report import write_html_report
 from rpo.scores.loop import score_entries, shard
 from rpo.scores.report import (scores_csv, scores_table, summarize, win_rate, win_rate_bootstrap, win_rate_csv,
@@ -141,9 +143,19 @@ def score_folders(folders, scorers, accelerator, batch_size, num_workers):
     entries = [(path, prompt.caption, d) for d, folder in enumerate(folders) for prompt, path in folder.images()]
 
     rank, world = accelerator.process_index, accelerator.num_processes
+    appenders = [CacheAppender(folder.root, rank) for folder in folders]
+
+    def keep(batch):  # each batch's fresh scores reach the dirs' side files before the next batch starts
+        fresh = [[] for _ in folders]
+        for index, key, values, error in batch:
+            if error is None:
+                fresh[entries[index][2]] += [(cache_names[m], key, v) for m, v in values.items()]
+        for appender, records in zip(appenders, fresh):
+            appender.add(records)
+
     with tqdm(total=len(shard(len(entries), batch_size, rank, world)), desc="scoring", unit="img",
               disable=not accelerator.is_main_process, file=sys.stderr) as progress:
-        results = score_entries(entries, scorers, cached, batch_size, num_workers, rank, world, progress)
+        results = score_entries(entries, scorers, cached, batch_size, num_workers, rank, world, progress, keep)
     if world > 1:
         print(f"process {rank}/{world}: scored {len(results)} of {len(entries)} images", file=sys.stderr)
         results = gather_object(results)
@@ -168,7 +180,7 @@ def score_folders(folders, scorers, accelerator, batch_size, num_workers):
             kept = {k: v for k, v in caches[d].get(name, {}).items() if k in current[d]}
             changed[d] |= len(kept) != len(caches[d].get(name, {}))
             caches[d][name] = kept
-        if changed[d]:
+        if changed[d] or has_side_files(folder.root):  # side files are folded into the JSON file, then removed
             write_cache(folder.root, caches[d])
     return entries, scores, errors
 
@@ -178,10 +190,15 @@ def main(argv=None):
     metrics, dirs = check_args(args)
     is_base = [args.compare is not None and os.path.realpath(d) == os.path.realpath(args.compare) for d in dirs]
     folders = [scan_image_dir(d, "--compare" if base else "--dir") for d, base in zip(dirs, is_base)]
+    # before any model loads: the cache of every dir (written as scoring goes) and the tables' folder
+    for d, base in zip(dirs, is_base):
+        check_writable(d, "--compare" if base else "--dir")
+    check_writable(args.output, "--output")
     base = folders[is_base.index(True)] if args.compare else None
     if base is not None:
         check_comparable(folders, base)
 
+    offline_unless_hub_reachable([args.weights_dir])  # None: the scorers' weights come from the hub
     accelerator = Accelerator(cpu=cpu_ranks())
     scorers = {m: load_scorer(m, args.weights_dir, accelerator.device, args.hps_version) for m in metrics}
     scored = score_folders(folders, scorers, accelerator, args.batch_size, args.num_workers)

@@ -3,12 +3,21 @@
 Every script builds a plain `argparse.ArgumentParser`, then calls `parse_args(parser)`,
 which adds `--config FILE` (YAML or JSON): the file's keys replace the parser's defaults,
 and the command line still wins. Scripts wrap their `main` in `run_main`, which turns a
-`UserError` (bad input: a path, an option) into one line on stderr and exit status 2.
+`UserError` (bad input: a path, an option) into one line on stderr and exit status 2;
+a full or read-only disk met while writing is bad input too (one line, exit status 2).
+
+Under `accelerate launch` the rank's line and status 2 come first, but the launcher
+(accelerate 1.15 re-raising torch.distributed.elastic's ChildFailedError) then prints its
+own traceback and exits 1 whatever the rank's status: its "Root Cause" block shows
+`exitcode: 2`. Exiting through `os._exit(2)` changes nothing there (tried), so the plain
+`sys.exit(2)` stays.
 """
 import argparse
+import errno
 import json
 import os
 import sys
+import tempfile
 
 import yaml
 
@@ -25,8 +34,12 @@ def flag(parser, name, default, help):
 def load_config_file(path):
     if not os.path.isfile(path):
         raise UserError(f"--config: no such file: {path}")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config {path}: not a UTF-8 text file (byte {e.start}: {e.reason}); "
+                        "expected YAML or JSON") from None
     try:
         values = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
@@ -67,13 +80,48 @@ def parse_args(parser, argv=None):
     return parser.parse_args(argv)
 
 
+# Write failures that are the machine's state, not a bug: a full disk or quota, a read-only mount.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def run_main(main):
-    """Run `main()`, turning a UserError into one clear line and exit status 2."""
+    """Run `main()`, turning a UserError (or a full / read-only disk) into one clear line
+    and exit status 2."""
     try:
         return main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: {os.strerror(e.errno)}{where}: free space (or remount read-write) and rerun; "
+              "finished work is kept", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_writable(path, what):
+    """Refuse, before hours of work, a folder that cannot take a new file: creates and
+    removes a probe file (the nearest existing parent for a folder still to be created).
+
+    An actual write, not `os.access`: root passes every permission test, and a read-only
+    mount or a full disk answer only to a write.
+    """
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{what} {path}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rpo-write-probe-", dir=folder)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what} {path}: cannot write in {folder}: {e.strerror or e}") from None
 
 
 def cpu_ranks():

@@ -7,9 +7,13 @@ checkpoint) becomes one `UserError` line saying what was needed and how to fix i
 `revision` and `cache_dir` mean what they mean to diffusers and transformers, and reach
 every `from_pretrained` call (only when set, so the libraries' defaults stay theirs).
 """
+import hashlib
 import json
 import os
 import shlex
+import socket
+import sys
+import urllib.parse
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +23,117 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from rpo.cli import UserError
 
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
+# --mixed_precision -> the dtype frozen parts are loaded in (every entry point)
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def hub_endpoint():
+    """The hub's address as huggingface_hub will use it (`HF_ENDPOINT`, else huggingface.co)."""
+    from huggingface_hub import constants
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def hub_reachable(timeout=3.0):
+    """Whether a TCP connection to the hub endpoint opens within `timeout` seconds.
+
+    Without network, huggingface_hub retries each file for half a minute (train.py's
+    dozens of files: minutes of retry lines); one connect answers in `timeout` at most.
+    """
+    url = urllib.parse.urlsplit(hub_endpoint())
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):  # refused, unreachable, no DNS, timed out; a malformed HF_ENDPOINT
+        return False
+
+
+def is_local(source):
+    return source is not None and os.path.exists(source)
+
+
+def offline_unless_hub_reachable(sources, timeout=3.0):
+    """Call before the first hub load: when some source is not a local path (a hub id, or
+    None for "the hub default", e.g. scorer weights without --weights_dir), `HF_HUB_OFFLINE`
+    is unset and the hub does not answer, switch this process to offline mode, so models
+    already in the hub cache load and the others fail at once with from_pretrained's
+    one-line download hint. Returns True when it switched.
+    """
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE or all(is_local(s) for s in sources):
+        return False
+    if hub_reachable(timeout):
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"  # child processes (DataLoader workers) and libraries imported later
+    constants.HF_HUB_OFFLINE = True     # huggingface_hub read the variable at import; its downloads check this
+    # libraries that copied the flag at import (from huggingface_hub.constants import HF_HUB_OFFLINE)
+    for module, name in (("datasets.config", "HF_HUB_OFFLINE"), ("diffusers.utils.hub_utils", "HF_HUB_OFFLINE"),
+                         ("diffusers.loaders.lora_base", "HF_HUB_OFFLINE")):
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            setattr(sys.modules[module], name, True)
+    print(f"warning: {hub_endpoint()} does not answer (no network?): working offline, only models already in "
+          "the hub cache load", file=sys.stderr)
+    return True
+
+
+WEIGHT_EXTENSIONS = (".safetensors", ".bin")  # diffusers' and transformers' weight files (sharded ones too)
+
+
+def file_sha256(path, memo=None):
+    """sha256 of the whole file; `memo` ({real path: [size, mtime_ns, sha256]}, e.g. from
+    the previous run's manifest) skips re-reading a file whose size and mtime are unchanged.
+
+    Whole-file hashes because a head/tail hash misses a fine-tune that changed only middle
+    tensors (attention-only training leaves conv_in and the last blocks byte-identical);
+    the memo keeps reruns cheap (~500 MB/s hashing here: 4 GB of SD1.5 weights ~8 s, once).
+    Replacing a file, even by `cp -p`, gives it another mtime_ns, so it is hashed afresh.
+    """
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    if memo is not None and memo.get(real, [None])[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return memo[real][2]
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    if memo is not None:
+        memo[real] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+    return digest.hexdigest()
+
+
+def weights_fingerprint(source, subfolder=None, *, revision=None, cache_dir=None, memo=None):
+    """What identifies the weights a model loads from, for a manifest.
+
+    A local folder: {"folder": its real path, "files": {weight file: sha256}} (see
+    `file_sha256`). A hub id: {"commit": the snapshot commit it resolved to in the hub cache}
+    (call after loading, when the snapshot is cached), or {"commit": None} if not found.
+    """
+    if os.path.isdir(source):
+        folder = os.path.join(source, subfolder) if subfolder else source
+        names = sorted(n for n in os.listdir(folder) if n.endswith(WEIGHT_EXTENSIONS))
+        return {"folder": os.path.realpath(folder),
+                "files": {n: file_sha256(os.path.join(folder, n), memo) for n in names}}
+    from huggingface_hub import try_to_load_from_cache
+    for name in ("config.json", "model_index.json"):
+        found = try_to_load_from_cache(source, f"{subfolder}/{name}" if subfolder else name,
+                                       cache_dir=cache_dir, revision=revision)
+        if isinstance(found, str):  # <cache>/models--owner--name/snapshots/<commit>/...
+            parts = os.path.normpath(found).split(os.sep)
+            return {"commit": parts[parts.index("snapshots") + 1]}
+    return {"commit": None}
+
+
+def fingerprint_change(old, new):
+    """A few words on how fingerprint `new` differs from `old`, or None if it does not."""
+    if old == new:
+        return None
+    if "files" in old and "files" in new:
+        for name in sorted(set(old["files"]) | set(new["files"])):
+            a, b = old["files"].get(name), new["files"].get(name)
+            if a != b:
+                short = lambda h: h[:12] if h else "absent"  # noqa: E731
+                return f"{name} in {new.get('folder')} has sha256 {short(b)}, the images were made with {short(a)}"
+    return f"made with {old}, now {new}"
 
 
 def hub_options(revision=None, cache_dir=None):

@@ -20,10 +20,11 @@ from collections import Counter
 from tqdm import tqdm
 
 from rpo.data import hpdv2
-from rpo.cli import UserError, cpu_ranks, parse_args, run_main
+from rpo.cli import UserError, check_writable, cpu_ranks, parse_args, run_main
 from rpo.scores.images import score_images
 from rpo.data.items import item_name, write_items
 from rpo.data.score_cache import ScoreCache
+from rpo.models import offline_unless_hub_reachable
 from rpo.scores import METRICS, load_scorer
 
 ALIASES = {"aesthetic": "aestheticv1"}  # the name the paper's code (basiclab/DiffusionDRO) uses for Aesthetic v1
@@ -54,6 +55,9 @@ def check_args(args):
     args.styles = list(dict.fromkeys(args.styles))
     if len(args.styles) > 1 and "{style}" not in args.output:
         raise UserError(f"--output {args.output} must contain {{style}} when building several styles")
+    for style in args.styles:  # before downloads and hours of scoring
+        check_writable(args.output.replace("{style}", style), "--output")
+    check_writable(args.cache, "--cache")
     return args
 
 
@@ -73,6 +77,7 @@ def candidates(benchmark, styles):
 
 def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
     args = check_args(args)
+    offline_unless_hub_reachable([args.repo, args.weights_dir])  # before any hub request
     benchmark = hpdv2.Benchmark(args.repo, args.cache)
     if rank == 0:  # the main process downloads and extracts; the others then find it all in place
         table = candidates(benchmark, args.styles)

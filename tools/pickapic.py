@@ -30,10 +30,11 @@ from collections import Counter
 from PIL import Image
 
 from rpo.data import pickapic
-from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
+from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_main
 from rpo.scores.images import score_images
 from rpo.data.items import item_name, write_items
 from rpo.data.score_cache import ScoreCache
+from rpo.models import offline_unless_hub_reachable
 from rpo.scores import METRICS, load_scorer
 from rpo.data.selection import Candidate, RunningSelection, is_preferred, select
 
@@ -73,6 +74,8 @@ def check_args(args):
         kind = "preferred" if args.preferred else "nopreferred"
         suffix = "_per_caption" if args.per_caption else ""
         args.output = f"./data/pickapic{args.version}_{args.score}_{kind}_{args.top}{suffix}"
+    check_writable(args.output, "--output")  # before hours of scoring
+    check_writable(args.cache, "--cache")
     return args
 
 
@@ -190,6 +193,7 @@ def finish(args, shards, scores, index, store, metric_version):
 
 def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
     args = check_args(args)
+    offline_unless_hub_reachable([args.dataset, args.weights_dir])  # before any hub request
     shards = pickapic.list_shards(args.dataset, args.split)
     scorer = load_scorer(args.score, weights_dir=args.weights_dir, device=device, hps_version=args.hps_version)
     metric_version = f"{scorer.name}-{scorer.version}"

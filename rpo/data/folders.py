@@ -69,8 +69,11 @@ def read_caption(folder):
     path = os.path.join(folder, "caption.txt")
     if not os.path.isfile(path):
         raise UserError(f"dataset item has no caption.txt: {folder}")
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the caption as UTF-8") from None
 
 
 def check_image(path, name=None):

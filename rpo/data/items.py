@@ -23,7 +23,7 @@ def _matches(folder, caption, image_name):
     path = os.path.join(folder, "caption.txt")
     if not os.path.isfile(path):
         return False
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:  # a non-UTF-8 file is another caption, not a crash
         if f.read().strip() != caption.strip():
             return False
     return [os.path.basename(p) for p in list_images(folder)] == [image_name]

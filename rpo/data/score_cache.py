@@ -3,7 +3,7 @@
 A cache is a folder of part files `<name>.rank<r>.jsonl`: each process appends to its own
 part, so no two processes ever write one file, and readers take the union of all parts
 (whatever the number of processes of the run that wrote them). Each append is a single
-`os.write` of whole lines, so a killed process leaves at worst one truncated last line;
+`os.write` of whole lines, fsynced, so a killed process leaves at worst one truncated last line;
 readers skip lines that do not parse, and the next append starts on a fresh line.
 
 `ScoreCache` maps (key, caption) -> score for one metric and scorer version (both in the
@@ -56,6 +56,9 @@ class JsonlAppender:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            os.fsync(fd)  # on disk before the caller counts the batch done (a power cut, not just a kill)
+        except OSError as e:  # a full disk: name the file (os.write's error has no filename)
+            raise OSError(e.errno, e.strerror, self.path) from None
         finally:
             os.close(fd)
 

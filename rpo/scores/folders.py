@@ -8,17 +8,28 @@ Scores are cached in `<dir>/scores_cache.json`, keyed by the metric with its ver
 (which includes a fingerprint of the weights) and by a hash of the image file's bytes and
 its prompt: a regenerated image, a changed caption, another HPSv2 version or other
 weights are scored afresh; an unchanged image is not. The file is replaced atomically.
+
+While scoring, every batch's scores are appended (one write, fsynced) to side files
+`<dir>/scores_cache.rank<r>.jsonl`, one per process (rpo/data/score_cache.py's
+JsonlAppender, the dataset tools' kill-safe cache): a killed run loses at most the batch
+in flight, and its rerun scores only what is missing. Reading the cache merges the side
+files (a line torn by the kill is skipped); the final write folds them into the JSON
+file and removes them. A score that is not a number is dropped with a warning, and so
+scored again.
 """
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
 
 from rpo.cli import UserError
 from rpo.data.folders import IMAGE_EXTENSIONS, list_images, read_caption
+from rpo.data.score_cache import JsonlAppender, part_paths, read_lines
 
 CACHE_NAME = "scores_cache.json"
+PARTS_NAME = "scores_cache"  # side files: scores_cache.rank<r>.jsonl
 
 
 @dataclass
@@ -60,21 +71,64 @@ def image_key(caption, data):
     return hashlib.sha256(caption.encode("utf-8") + b"\0" + data).hexdigest()
 
 
+def is_score(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_cache(root):
-    """{metric@version: {image key: score}}; an unreadable cache is reported and ignored
-    (it is rewritten whole at the end)."""
+    """{metric@version: {image key: score}}: the JSON file merged with the side files of a
+    run that did not finish. An unreadable JSON file is reported and ignored (it is
+    rewritten whole at the end); entries whose score is not a number are dropped, with
+    one warning line per file, so those images are scored again."""
     path = os.path.join(root, CACHE_NAME)
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            cache = json.load(f)
-        if not isinstance(cache, dict) or not all(isinstance(v, dict) for v in cache.values()):
-            raise ValueError("not a mapping of metric -> {image: score}")
-        return cache
-    except (OSError, ValueError) as e:
-        print(f"warning: ignoring unreadable score cache {path}: {e}", file=sys.stderr)
-        return {}
+    cache = {}
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                cache = json.loads(f.read())
+            if not isinstance(cache, dict) or not all(isinstance(v, dict) for v in cache.values()):
+                raise ValueError("not a mapping of metric -> {image: score}")
+        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            print(f"warning: ignoring unreadable score cache {path}: {e}", file=sys.stderr)
+            cache = {}
+        dropped = [(m, k, v) for m, scores in cache.items() for k, v in scores.items() if not is_score(v)]
+        for m, k, _ in dropped:
+            del cache[m][k]
+        if dropped:
+            m, k, v = dropped[0]
+            print(f"warning: {path}: dropped {len(dropped)} score(s) that are not numbers (e.g. {m} {k[:12]}: {v!r}); "
+                  "those images are scored again", file=sys.stderr)
+    parts = part_paths(root, PARTS_NAME)
+    bad = 0
+    for record in read_lines(parts):
+        metric, key, value = record.get("metric"), record.get("key"), record.get("score")
+        if isinstance(metric, str) and isinstance(key, str) and is_score(value):
+            cache.setdefault(metric, {})[key] = value
+        else:
+            bad += 1
+    if bad:
+        print(f"warning: {root}: skipped {bad} malformed line(s) of {', '.join(map(os.path.basename, parts))}; "
+              "those images are scored again", file=sys.stderr)
+    return cache
+
+
+def has_side_files(root):
+    return bool(part_paths(root, PARTS_NAME))
+
+
+class CacheAppender:
+    """This process's side file of one image folder: `add` appends one batch's scores."""
+
+    def __init__(self, root, rank):
+        self.root, self.rank, self.writer = root, rank, None
+
+    def add(self, metric_scores):
+        """[(metric@version, image key, score)], written in one fsynced append."""
+        if not metric_scores:
+            return
+        if self.writer is None:
+            self.writer = JsonlAppender(self.root, PARTS_NAME, self.rank)
+        self.writer.append([{"metric": m, "key": k, "score": v} for m, k, v in metric_scores])
 
 
 def write_atomic(path, text):
@@ -91,8 +145,9 @@ def write_atomic(path, text):
 
 
 def write_cache(root, cache):
-    path = os.path.join(root, CACHE_NAME)
-    try:
-        write_atomic(path, json.dumps(cache, sort_keys=True))
-    except OSError as e:  # a read-only benchmark folder: the scores are still reported
-        print(f"warning: cannot write the score cache {path}: {e}", file=sys.stderr)
+    """Replace the JSON file with `cache` (which holds the side files' scores: read_cache
+    merged them), then remove the side files; killed in between, the next read merges
+    them again, which changes nothing."""
+    write_atomic(os.path.join(root, CACHE_NAME), json.dumps(cache, sort_keys=True))
+    for part in part_paths(root, PARTS_NAME):
+        os.remove(part)

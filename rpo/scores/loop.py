@@ -80,9 +80,12 @@ def shard(count, batch_size, rank, world):
     return [i for start in starts for i in range(start, min(start + batch_size, count))]
 
 
-def score_entries(entries, scorers, cached, batch_size, num_workers=0, rank=0, world=1, progress=None):
+def score_entries(entries, scorers, cached, batch_size, num_workers=0, rank=0, world=1, progress=None,
+                  on_batch=None):
     """Score this rank's share of `entries` (path, caption, cache index) with every scorer
-    in `scorers` ({metric: Scorer}) where `cached` lacks the score.
+    in `scorers` ({metric: Scorer}) where `cached` lacks the score. `on_batch(results)`
+    gets each batch's results as soon as they are computed (score.py appends them to the
+    cache's side files, so a killed run keeps them).
 
     Returns [(index, key, {metric: score}, error)] for the rank's images; `key` is None
     and `error` set for an image that could not be read.
@@ -101,7 +104,10 @@ def score_entries(entries, scorers, cached, batch_size, num_workers=0, rank=0, w
             captions = [entries[batch["index"][p]][1] for p in positions]
             for p, value in zip(positions, scorers[metric].score_tensors(pixels, captions).tolist()):
                 scores[p][metric] = value
-        results.extend(zip(batch["index"], batch["key"], scores, batch["error"]))
+        done = list(zip(batch["index"], batch["key"], scores, batch["error"]))
+        if on_batch is not None:
+            on_batch(done)
+        results.extend(done)
         if progress is not None:
             progress.update(len(batch["index"]))
     return results
