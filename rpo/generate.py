@@ -22,22 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline)
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
 from rpo.cli import UserError, check_writable
-from rpo.models import from_pretrained, hub_options, load_tokenizer, load_unet, load_vae
+from rpo.diffusion.schedulers import STOCK_SCHEDULERS
+from rpo.models import DTYPES, from_pretrained, hub_options, load_tokenizer, load_unet, load_vae  # noqa: F401 (DTYPES for inference.py)
 
-# Stock diffusers samplers; "SDXL" is the public code's name for Euler (EulerDiscrete).
-SCHEDULERS = {
-    "DDPM": DDPMScheduler,
-    "DDIM": DDIMScheduler,
-    "DPMSolver++": DPMSolverMultistepScheduler,  # algorithm_type="dpmsolver++" is its default
-    "Euler": EulerDiscreteScheduler,
-    "SDXL": EulerDiscreteScheduler,
-}
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SCHEDULERS = STOCK_SCHEDULERS  # inference.py's --scheduler choices (rpo/diffusion/schedulers.py)
 MANIFEST = "manifest.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with

@@ -25,7 +25,7 @@ from rpo.scores.images import score_images
 from rpo.data.items import item_name, write_items
 from rpo.data.score_cache import ScoreCache
 from rpo.models import offline_unless_hub_reachable
-from rpo.scores import METRICS, load_scorer
+from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
 
 ALIASES = {"aesthetic": "aestheticv1"}  # the name the paper's code (basiclab/DiffusionDRO) uses for Aesthetic v1
 
@@ -36,7 +36,7 @@ def build_parser():
     p.add_argument("--repo", default="ymhao/HPDv2", help="hub dataset id or local folder in the same layout")
     p.add_argument("--styles", nargs="+", choices=hpdv2.STYLES, default=list(hpdv2.STYLES), help="styles to build")
     p.add_argument("--score", default="pickscore", help=f"metric: {', '.join(METRICS)} ('aesthetic' = aestheticv1)")
-    p.add_argument("--hps_version", choices=("v2.0", "v2.1"), default="v2.0", help="HPSv2 checkpoint for --score hpsv2")
+    p.add_argument("--hps_version", choices=HPS_VERSIONS, default="v2.0", help="HPSv2 checkpoint for --score hpsv2")
     p.add_argument("--weights_dir", default=None, help="local scorer weights (offline); default: the hub")
     p.add_argument("--output", default="./data/hpdv2_{style}", help="output folder; {style} is replaced by the style")
     p.add_argument("--num_proc", type=int, default=8, help="image decoding workers per process")

@@ -35,7 +35,7 @@ from rpo.scores.images import score_images
 from rpo.data.items import item_name, write_items
 from rpo.data.score_cache import ScoreCache
 from rpo.models import offline_unless_hub_reachable
-from rpo.scores import METRICS, load_scorer
+from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
 from rpo.data.selection import Candidate, RunningSelection, is_preferred, select
 
 ALIASES = {"aesthetic": "aestheticv1"}  # the name the paper's code (basiclab/DiffusionDRO) uses for Aesthetic v1
@@ -49,7 +49,7 @@ def build_parser():
                    help="hub dataset id or local folder in the same layout (default yuvalkirstain/pickapic_<version>)")
     p.add_argument("--split", default="train", help="train, validation, test, validation_unique, test_unique")
     p.add_argument("--score", default="pickscore", help=f"metric: {', '.join(METRICS)} ('aesthetic' = aestheticv1)")
-    p.add_argument("--hps_version", choices=("v2.0", "v2.1"), default="v2.0", help="HPSv2 checkpoint for --score hpsv2")
+    p.add_argument("--hps_version", choices=HPS_VERSIONS, default="v2.0", help="HPSv2 checkpoint for --score hpsv2")
     p.add_argument("--weights_dir", default=None, help="local scorer weights (offline); default: the hub")
     p.add_argument("--top", type=int, default=500, help="images to keep (per caption with --per_caption)")
     flag(p, "preferred", True, "keep only images the user chose (label 1); a tie is not a choice")
