@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import ExpertBatches, ExpertDataset, PromptDataset
 from rpo.diffusion.family import UNetFamily, read_schedule_config
+from rpo.diffusion.flow import FlowMatchFamily, read_flow_schedule
 from rpo.diffusion.loss import STAT_KEYS as STATS
 from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler
 from rpo.generate import SCHEDULERS as STOCK_SCHEDULERS, check_unet_path
 from rpo.models import DTYPES, check_pipeline_folder, load_text_encoders, load_unet, load_vae, offline_unless_hub_reachable
+from rpo.models_sd3 import load_sd3_text_encoders, load_transformer, resolve_model_family
 from rpo.scores import HPS_VERSIONS, load_scorer
 from rpo.training import checkpoint
 from rpo.training.ema import NamedEMA
@@ -70,6 +72,8 @@ def build_parser():
                                    "checkpoint's ckpt-N/ema; None: the pipeline's UNet")
     a("--reference_unet", default=None, help="UNet folder (or hub id) of the frozen reference; None: the pipeline's UNet")
     flag(p, "sdxl", False, "the SDXL path (two text encoders, size conditioning)")
+    a("--model_family", choices=["auto", "unet", "sd3"], default="auto",
+      help="unet: SD1.5/SDXL; sd3: SD3/SD3.5 flow matching (rpo/diffusion/flow.py); auto: from model_index.json")
     a("--vae", default=None, help="VAE to use instead of the pipeline's (SDXL default: madebyollin/sdxl-vae-fp16-fix)")
     a("--revision", default=None, help="hub revision (branch, tag or commit) of the pipeline")
     a("--cache_dir", default=None, help="where hub downloads are cached; None: the hub's default")
@@ -217,7 +221,12 @@ def main():
     check_pipeline_folder(args.pretrained_model_name_or_path, sdxl=args.sdxl)
     check_unet_path(args.unet, what="--unet")
     check_unet_path(args.reference_unet, what="--reference_unet")
-    schedule, _ = read_schedule_config(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
+    flow = sd3_family(args)  # SD3 / SD3.5 flow matching; its unsupported options refused here
+    if flow:
+        schedule = read_flow_schedule(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
+    else:
+        schedule, _ = read_schedule_config(args.pretrained_model_name_or_path, revision=args.revision,
+                                           cache_dir=args.cache_dir)
     resume_from = checkpoint.resolve_resume(args.logdir, args.resume)  # verifies the state's checksums
     trainer = read_trainer(resume_from[1]) if resume_from else None
 
@@ -254,12 +263,20 @@ def main():
     # --fp32_master_weights keep fp32 master weights under autocast instead.
     train_dtype = torch.float32 if args.mixed_precision == "fp16" or args.fp32_master_weights else weight_dtype
     source = args.pretrained_model_name_or_path
-    family = UNetFamily(schedule, sdxl=args.sdxl)
+    family = FlowMatchFamily(schedule) if flow else UNetFamily(schedule, sdxl=args.sdxl)
     hub = {"revision": args.revision, "cache_dir": args.cache_dir}
-    text = load_text_encoders(source, args.sdxl, args.variant, weight_dtype, **hub).to(device)
+    if flow:  # every expert caption (and "" for dropped prompts) encoded once; T5 then leaves memory
+        text = load_sd3_text_encoders(source, args.variant, weight_dtype, **hub).to(device)
+        text.precompute([item.caption for item in experts.items] + [""])
+        text.release_encoders()
+    else:
+        text = load_text_encoders(source, args.sdxl, args.variant, weight_dtype, **hub).to(device)
     vae = load_vae(source, args.sdxl, args.variant, weight_dtype, vae=args.vae, **hub).to(device)
 
     def load(path, dtype, what):  # a UNet folder of its own, or the pipeline's
+        if flow:  # sd3_family refuses --unet/--reference_unet: the pipeline's transformer
+            return load_transformer(source, "transformer", args.variant, dtype, what=what.replace("UNet", "transformer"),
+                                    **hub)
         if path:
             return load_unet(path, None, None, dtype, what=what, cache_dir=args.cache_dir)
         return load_unet(source, "unet", args.variant, dtype, what=what, **hub)
@@ -330,7 +347,9 @@ def main():
     if args.truncate_rollouts and not exact:
         accelerator.print(f"--truncate_rollouts: rollouts stay whole, truncation would not be exact: {why}")
     refiller = Refiller(batches=loader, text=text, vae=vae, family=family, accelerator=accelerator, weight_dtype=weight_dtype,
-                        sampler=PerSampleScheduler.from_name(args.buffer_scheduler, family.schedule), moments=moments,
+                        sampler=family.sampler() if flow else PerSampleScheduler.from_name(args.buffer_scheduler,
+                                                                                            family.schedule),
+                        moments=moments,
                         settings=RolloutSettings(
                             scheduler=args.buffer_scheduler, num_steps=args.buffer_num_inference_steps,
                             batch_size=args.buffer_batch_size, batches_per_refill=args.buffer_batch_accumulation,
@@ -448,6 +467,23 @@ def set_learning_rate(optimizer, lr_scheduler, lr):
 
 def lora_target_list(args):
     return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+
+
+def sd3_family(args):
+    """Whether the run is SD3 / SD3.5 flow matching (`--model_family`, auto: model_index.json's
+    class); refuses, before any weight loads, what the flow path does not do yet."""
+    kind = resolve_model_family(args.model_family, args.pretrained_model_name_or_path, sdxl=args.sdxl,
+                                revision=args.revision, cache_dir=args.cache_dir)
+    if kind != "sd3":
+        return False
+    unsupported = {"--objective sft": args.objective == "sft", "--lora_rank": bool(args.lora_rank),
+                   "--validation_steps": bool(args.validation_steps), "--unet": bool(args.unet),
+                   "--reference_unet": bool(args.reference_unet), "--vae": bool(args.vae),
+                   "--export_pipeline": bool(args.export_pipeline)}
+    used = [name for name, on in unsupported.items() if on]
+    if used:
+        raise UserError(f"--model_family sd3 does not support {', '.join(used)} yet (README, 'SD3.5 Medium')")
+    return True
 
 
 def check_lora_targets(args):

@@ -122,11 +122,13 @@ class Refiller:
 
     def expert_latents(self, batch, gen):
         scale = self.vae.config.scaling_factor
+        # SD3's VAE centres its latents first (shift_factor, as its pipeline decodes); SD1.5/XL have none
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         if self.moments is not None:
-            return sample_latents(self.moments, batch["index"], batch["flipped"], gen) * scale
+            return (sample_latents(self.moments, batch["index"], batch["flipped"], gen) - shift) * scale
         with torch.no_grad():
             pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
-            return self.vae.encode(pixels).latent_dist.sample(generator=gen) * scale
+            return (self.vae.encode(pixels).latent_dist.sample(generator=gen) - shift) * scale
 
     def conditioning(self, batch, state):
         """A rollout batch's `cpu_gen` draws (caption drops, timestep grid) and conditioning."""
@@ -134,8 +136,12 @@ class Refiller:
         b = len(batch["caption"])
         drop = torch.rand(b, generator=state.cpu_gen) < s.drop_prompt_probability
         embeds, pooled = self.text.encode(["" if d else c for c, d in zip(batch["caption"], drop.tolist())])
-        grid = make_timesteps(s.scheduler, self.family.schedule, s.num_steps, b, s.perturb_timesteps,
-                              generator=state.cpu_gen, device=device)
+        if getattr(self.family, "flow", False):  # flow matching: integer σ·N grid (rpo/diffusion/flow.py)
+            grid = self.family.rollout_timesteps(s.num_steps, b, s.perturb_timesteps, generator=state.cpu_gen,
+                                                 device=device)
+        else:
+            grid = make_timesteps(s.scheduler, self.family.schedule, s.num_steps, b, s.perturb_timesteps,
+                                  generator=state.cpu_gen, device=device)
         return embeds, pooled, grid
 
     def trajectories(self, model, batch, state):
@@ -151,7 +157,10 @@ class Refiller:
         x0 = self.expert_latents(batch, gen)
         x_T = torch.randn((b, model.config.in_channels, s.latent_size, s.latent_size), generator=gen, device=device)
         extras, cond, neg_cond = {}, None, None
-        if s.sdxl:
+        if getattr(self.family, "flow", False):  # SD3: pooled projections; the transformer behind the UNet call
+            cond, neg_cond, extras = self.family.rollout_conditioning(pooled, self.empty_embeds, b)
+            model = self.family.denoiser(model)
+        elif s.sdxl:
             # rollouts use the pipeline's default size conditioning, training the expert's own
             res = s.resolution
             default_ids = torch.tensor([res, res, 0, 0, res, res], device=device).repeat(b, 1)

@@ -1,0 +1,233 @@
+"""Flow matching (SD3 / SD3.5) on the tiny SD3 kit: the kit loads in the stock pipeline, the
+per-row Euler sampler equals the stock FlowMatchEulerDiscreteScheduler row by row, the buffer
+holds what the formulas say, the ranking loss recomputed by hand, the reference stays the
+base transformer, train.py resumes bit for bit, and train -> inference -> score runs.
+"""
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rpo.tiny.__main__ import KITS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIFT = 3.0
+
+
+@pytest.fixture(scope="module")
+def sd3kit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3kit")
+    paths = {}
+    for kind in ("sd3", "experts", "prompts"):
+        paths[kind] = str(root / kind)
+        KITS[kind](paths[kind], seed=0)
+    return paths
+
+
+def test_tiny_kit_is_a_stock_sd3_pipeline(sd3kit):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5TokenizerFast
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3kit["sd3"])
+    assert isinstance(pipe.transformer, SD3Transformer2DModel)
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler) and pipe.scheduler.config.shift == SHIFT
+    assert pipe.vae.config.latent_channels == 16
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (1.5305, 0.0609)  # SD3's VAE
+    # the T5 tokenizer reloads offline on its own and knows the kit's words (no unknown tokens)
+    t5 = T5TokenizerFast.from_pretrained(os.path.join(sd3kit["sd3"], "tokenizer_3"))
+    ids = t5("a red fox sitting in fresh snow").input_ids
+    assert t5.unk_token_id not in ids and ids[-1] == t5.eos_token_id and len(ids) == 8  # 7 words + </s>
+    image = pipe("a red fox", height=32, width=32, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+
+def test_per_row_euler_equals_stock_scheduler_on_each_row():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from rpo.diffusion.flow import PerRowFlowEuler, flow_timesteps
+    config = dict(FlowMatchEulerDiscreteScheduler(shift=SHIFT).config)
+    T, B = 6, 3
+    grid = flow_timesteps(config, T, B, True, generator=torch.Generator().manual_seed(1))
+    assert len({tuple(r) for r in grid.tolist()}) == B  # the rows really differ
+    sampler = PerRowFlowEuler(config)
+    sampler.set_timesteps(grid)
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(B, 16, 2, 2, generator=g), torch.randn(T, B, 16, 2, 2, generator=g)
+    ours = x.clone()
+    for k in range(T):
+        ours = sampler.step(v[k], k, ours)
+    for i in range(B):
+        stock = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+        # the row's unshifted sigmas: the stock scheduler applies the shift itself
+        shifted = grid[i].double() / 1000
+        stock.set_timesteps(sigmas=(shifted / (SHIFT - (SHIFT - 1) * shifted)).tolist())
+        assert torch.allclose(stock.timesteps.double(), grid[i].double(), atol=1e-3)
+        xi = x[i:i + 1].clone()
+        for k in range(T):
+            xi = stock.step(v[k, i:i + 1], stock.timesteps[k], xi).prev_sample
+        assert torch.allclose(xi, ours[i:i + 1], atol=1e-6, rtol=0), (xi - ours[i:i + 1]).abs().max()
+
+
+def test_timestep_grids():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from rpo.diffusion.flow import flow_timesteps
+    config = dict(FlowMatchEulerDiscreteScheduler(shift=SHIFT).config)
+    stock = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    stock.set_timesteps(20)
+    plain = flow_timesteps(config, 20, 2, False)
+    assert plain.dtype == torch.long and torch.equal(plain[0], stock.timesteps.round().long()) and torch.equal(*plain)
+    # perturbed: sigma_ik = 1 - (k + u_i) / T, u_i ~ U[0, 1) from the generator, shifted, to integers
+    got = flow_timesteps(config, 20, 3, True, generator=torch.Generator().manual_seed(5))
+    u = torch.rand((3, 1), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    base = 1 - (torch.arange(20, dtype=torch.float64) + u) / 20
+    want = (1000 * SHIFT * base / (1 + (SHIFT - 1) * base)).round().clamp(1, 1000).long()
+    assert torch.equal(got, want)
+    assert int(got.min()) >= 1 and int(got.max()) <= 1000
+
+
+def build_refill(sd3kit, *, steps=3, batch=2):
+    from accelerate import Accelerator
+    from rpo.data.folders import ExpertBatches, ExpertDataset
+    from rpo.diffusion.flow import FlowMatchFamily
+    from rpo.models import load_vae
+    from rpo.models_sd3 import load_sd3_text_encoders, load_transformer
+    from rpo.training.state import TrainState
+    from rpo.training.steps import Refiller, RolloutSettings
+    acc = Accelerator(cpu=True)
+    family = FlowMatchFamily.from_pretrained(sd3kit["sd3"])
+    text, vae = load_sd3_text_encoders(sd3kit["sd3"]), load_vae(sd3kit["sd3"])
+    experts = ExpertDataset(sd3kit["experts"], 32, False, False)
+    batches = iter(torch.utils.data.DataLoader(experts, batch_sampler=ExpertBatches(len(experts), batch)))
+    settings = RolloutSettings(scheduler="FlowMatchEuler", num_steps=steps, batch_size=batch, batches_per_refill=1,
+                               min_trajectories=batch, guidance_scale=1.0, perturb_timesteps=True,
+                               drop_prompt_probability=0.0, resolution=32, latent_size=4)
+    refiller = Refiller(batches=batches, text=text, vae=vae, family=family, accelerator=acc, weight_dtype=torch.float32,
+                        sampler=family.sampler(), settings=settings)
+    state = TrainState.fresh(seed=0, rank=0, buffer_size=4, device="cpu")
+    return dict(family=family, text=text, vae=vae, refiller=refiller, state=state, acc=acc,
+                model=load_transformer(sd3kit["sd3"]), experts=experts)
+
+
+def test_buffer_loss_and_targets_recomputed_by_hand(sd3kit):
+    from rpo.diffusion.objective import dro_loss
+    from rpo.models_sd3 import load_transformer
+    b = build_refill(sd3kit)
+    model, family, state = b["model"], b["family"], b["state"]
+    b["refiller"].refill(model=model, state=state)
+    data = state.buffer.data
+    t, x_t, v = data["t"], data["x_t"], data["eps"]
+    assert t.dtype == torch.long and int(t.max()) <= 1000 and int(t[:, 0].min()) > 900  # starts near sigma = 1
+    with torch.no_grad():
+        for k in range(t.shape[1]):
+            # the stored output is the transformer's velocity at (x_k, t_k) with the stored conditioning
+            direct = model(hidden_states=x_t[:, k], timestep=t[:, k], encoder_hidden_states=data["prompt_embeds"],
+                           pooled_projections=data["pooled_embeds"]).sample
+            assert torch.allclose(direct, v[:, k], atol=1e-5)
+            if k + 1 < t.shape[1]:  # Euler: x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v_k, sigma = t / 1000
+                dt = ((t[:, k + 1] - t[:, k]).float() / 1000).view(-1, 1, 1, 1)
+                assert torch.allclose(x_t[:, k + 1], x_t[:, k] + dt * v[:, k], atol=1e-5)
+    # the caption conditioning is the stock SD3 pipeline's encode_prompt of the expert captions
+    from diffusers import StableDiffusion3Pipeline
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3kit["sd3"], transformer=None, vae=None)
+    captions = [b["experts"].items[i].caption for i in range(len(b["experts"].items))]
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False)
+    assert embeds.shape[1:] == data["prompt_embeds"].shape[1:]  # 77 CLIP + 256 T5 tokens
+    for row in range(len(t)):  # batch composition moves T5's attention kernels by ~1e-5
+        match = [i for i in range(len(captions)) if torch.allclose(embeds[i], data["prompt_embeds"][row], atol=1e-4)]
+        assert match and torch.allclose(pooled[match[0]], data["pooled_embeds"][row], atol=1e-5)
+
+    sample = state.buffer.sample(2, generator=torch.Generator().manual_seed(3))
+    eps = torch.randn(sample["x0"].shape, generator=torch.Generator().manual_seed(4))
+    reference = load_transformer(sd3kit["sd3"]).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():  # move the model off the reference: a loss away from its kink
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    margin = 0.05
+    loss, stats = dro_loss(model=model, reference=lambda: contextlib.nullcontext(reference), family=family,
+                           sample=sample, eps_expert=eps, margin=margin)
+
+    # by hand: sigma = t / 1000, x_E = (1 - sigma) x0 + sigma eps', expert target eps' - x0;
+    # policy input and target: the stored x_k and velocity; errors: mean over C, H, W
+    sigma = (sample["t"].float() / 1000).view(-1, 1, 1, 1)
+    x0 = sample["x0"]
+    x_e = (1 - sigma) * x0 + sigma * eps
+
+    def err(m, x, target):
+        out = m(hidden_states=x, timestep=sample["t"], encoder_hidden_states=sample["prompt_embeds"],
+                pooled_projections=sample["pooled_embeds"]).sample
+        return ((out.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+    with torch.no_grad():
+        l_e, l_p = err(model, x_e, eps - x0), err(model, sample["x_t"], sample["eps"])
+        r_e, r_p = err(reference, x_e, eps - x0), err(reference, sample["x_t"], sample["eps"])
+    d = (l_e - r_e) - (l_p - r_p)
+    want = torch.clamp(d + margin, min=0).mean()
+    assert want > 0
+    assert torch.allclose(loss.detach(), want, atol=1e-6, rtol=1e-5), (loss, want)
+
+
+def test_reference_stays_the_base_transformer(sd3kit):
+    from diffusers.optimization import get_scheduler
+    from rpo.models_sd3 import load_transformer
+    from rpo.training.parametrisation import FullFineTune
+    from rpo.training.steps import dro_micro_step
+    b = build_refill(sd3kit)
+    model = b["model"].train()
+    params = FullFineTune(trainable=model, reference=load_transformer(sd3kit["sd3"]).requires_grad_(False))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    lr_scheduler = get_scheduler("constant", optimizer)
+    for _ in range(2):
+        b["refiller"].refill(model=params.rollout_model, state=b["state"])
+        dro_micro_step(accelerator=b["acc"], model=model, params=params, family=b["family"], state=b["state"],
+                       batch_size=2, optimizer=optimizer, lr_scheduler=lr_scheduler, margin=0.05, hinge=True,
+                       max_grad_norm=1.0)
+    base = load_file(os.path.join(sd3kit["sd3"], "transformer", "diffusion_pytorch_model.safetensors"))
+    ref, trained = params.reference_model.state_dict(), model.state_dict()
+    assert base.keys() == ref.keys()
+    assert all(torch.equal(base[k], ref[k]) for k in base)
+    assert any(not torch.equal(base[k], trained[k]) for k in base)  # the trainable one did move
+
+
+def train_cmd(sd3kit, logdir, *extra, pipeline=None):
+    return [sys.executable, os.path.join(REPO, "train.py"), "--pretrained_model_name_or_path", pipeline or sd3kit["sd3"],
+            "--train_dataset", sd3kit["experts"], "--logdir", str(logdir), "--resolution", "32", "--batch_size", "2",
+            "--buffer_batch_size", "2", "--buffer_size", "4", "--buffer_num_inference_steps", "4",
+            "--mixed_precision", "no", "--dataloader_num_workers", "0", "--report_to", "none", *extra]
+
+
+def run(cmd, ok=True):
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_wrong_model_family_is_one_line(sd3kit, kit, tmp_path):
+    proc = run(train_cmd(sd3kit, tmp_path / "a", "--model_family", "sd3", pipeline=kit["sd15"]), ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--model_family sd3" in proc.stderr and "StableDiffusionPipeline" in proc.stderr
+    proc = run(train_cmd(sd3kit, tmp_path / "b", "--model_family", "unet"), ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and "StableDiffusion3Pipeline" in proc.stderr
+    assert not os.path.exists(tmp_path / "a" / "ckpt-4")
+
+
+@pytest.mark.slow
+def test_sd3_resume_is_exact(sd3kit, tmp_path):
+    # accumulation 2, rollout refresh every 4: a lagging rollout copy, part of the state
+    common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "4", "--buffer_update_steps", "4",
+              "--learning_rate", "1e-3", "--checkpoints_total_limit", "2")
+    run(train_cmd(sd3kit, tmp_path / "straight", "--num_steps", "8", *common))
+    run(train_cmd(sd3kit, tmp_path / "split", "--num_steps", "4", *common))
+    proc = run(train_cmd(sd3kit, tmp_path / "split", "--num_steps", "8", "--resume", "latest", *common))
+    assert "resumed from" in proc.stdout + proc.stderr
+    for sub in ("unet", "ema"):
+        a = load_file(tmp_path / "straight" / "ckpt-8" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / "split" / "ckpt-8" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    before = load_file(os.path.join(sd3kit["sd3"], "transformer", "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(before[k], a[k]) for k in before)
+    state = torch.load(tmp_path / "split" / "ckpt-8" / "state" / "rank0.pt", weights_only=True)
+    assert state["buffer"]["tensors"]["x_t"].shape[1:] == (4, 16, 4, 4)  # T = 4 steps of 16-channel latents
