@@ -32,10 +32,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm import tqdm
 
+from rpo.io import write_text
 from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_main
 from rpo.models import offline_unless_hub_reachable
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
-from rpo.scores.folders import CacheAppender, has_side_files, read_cache, scan_image_dir, write_atomic, write_cache
+from rpo.scores.folders import CacheAppender, has_side_files, read_cache, scan_image_dir, write_cache
 from rpo.scores.html_report import write_html_report
 from rpo.scores.loop import score_entries, shard
 from rpo.scores.report import (scores_csv, scores_table, summarize, win_rate, win_rate_bootstrap, win_rate_csv,
@@ -223,7 +224,7 @@ def write_report(args, dirs, folders, base, versions, entries, scores, errors):
                                "scores": {os.path.relpath(entries[i][0], dirs[d]): scores[i] for i in valid}})
     print(scores_table(summaries, metrics))
     os.makedirs(args.output, exist_ok=True)
-    write_atomic(os.path.join(args.output, "scores.csv"), scores_csv(summaries, metrics, versions))
+    write_text(os.path.join(args.output, "scores.csv"), scores_csv(summaries, metrics, versions))
 
     if base is not None:
         b = folders.index(base)
@@ -240,9 +241,9 @@ def write_report(args, dirs, folders, base, versions, entries, scores, errors):
         report["win_rate"] = {"base": dirs[b], "bootstrap": BOOTSTRAP, "rows": comparisons}
         print()
         print(win_rate_table(comparisons, dirs[b], metrics))
-        write_atomic(os.path.join(args.output, "winrate.csv"), win_rate_csv(comparisons, metrics))
+        write_text(os.path.join(args.output, "winrate.csv"), win_rate_csv(comparisons, metrics))
     report = json_safe(report)   # the page shows exactly what scores.json holds
-    write_atomic(os.path.join(args.output, "scores.json"), json.dumps(report, indent=1))
+    write_text(os.path.join(args.output, "scores.json"), json.dumps(report, indent=1))
     print(f"\nwrote {os.path.join(args.output, 'scores.csv')} and scores.json", file=sys.stderr)
     if args.report is not None:
         if not any(entry["scores"] for entry in report["dirs"]):

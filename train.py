@@ -21,6 +21,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from rpo.io import write_json
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import ExpertBatches, ExpertDataset, PromptDataset
 from rpo.diffusion.family import UNetFamily, read_schedule_config
@@ -198,6 +199,8 @@ def check_args(args):
                         "pipeline's) with the adapters disabled")
     if args.lora_rank and not [m for m in args.lora_target_modules.split(",") if m.strip()]:
         raise UserError("--lora_target_modules names no module")
+    if args.objective == "sft" and args.reference_unet:
+        raise UserError("--reference_unet does not apply to --objective sft: the SFT loss has no reference model")
     if args.score and not args.validation_steps:
         raise UserError("--score needs --validation_steps N > 0 (the score is computed at each validation)")
     trackers_of(args.report_to)  # an unknown or uninstalled tracker fails now, not after the weights load
@@ -502,6 +505,26 @@ def check_lora_targets(args):
                         f"(e.g. {', '.join(LORA_TARGET_MODULES)})")
 
 
+def lora_target_list(args):
+    return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
+
+
+def check_lora_targets(args):
+    """Refuse --lora_target_modules entries that name no module of the UNet, from its config
+    alone (built on the meta device: no weights read)."""
+    from diffusers import UNet2DConditionModel
+    if args.unet:
+        config = UNet2DConditionModel.load_config(args.unet)
+    else:
+        config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
+    with torch.device("meta"):
+        arch = UNet2DConditionModel.from_config(config)
+    unmatched = [t for t, n in lora_targets_matched(arch, lora_target_list(args)).items() if n == 0]
+    if unmatched:
+        raise UserError(f"--lora_target_modules: {', '.join(unmatched)} names no module of the UNet "
+                        f"(e.g. {', '.join(LORA_TARGET_MODULES)})")
+
+
 def record_start(args, resume_from):
     """Append this start (fresh or resumed, with every option) to <logdir>/training_config.json."""
     path = os.path.join(args.logdir, "training_config.json")
@@ -513,10 +536,7 @@ def record_start(args, resume_from):
     runs.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resumed_from": resume_from[1] if resume_from else None,
                  "args": vars(args)})
     os.makedirs(args.logdir, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"runs": runs}, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, {"runs": runs}, indent=2)
 
 
 if __name__ == "__main__":

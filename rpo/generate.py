@@ -22,12 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from tqdm.auto import tqdm
 
 from rpo.cli import UserError, check_writable
 from rpo.diffusion.schedulers import STOCK_SCHEDULERS
+from rpo.io import atomic_write, write_text
 from rpo.models import DTYPES, from_pretrained, hub_options, load_tokenizer, load_unet, load_vae  # noqa: F401 (DTYPES for inference.py)
+from rpo.models_sd3 import is_sd3, load_transformer
 
 SCHEDULERS = STOCK_SCHEDULERS  # inference.py's --scheduler choices (rpo/diffusion/schedulers.py)
 MANIFEST = "manifest.json"
@@ -46,6 +48,9 @@ def make_scheduler(name, config):
     if name not in SCHEDULERS:
         raise UserError(f"--scheduler must be one of {list(SCHEDULERS)}, got {name!r}")
     cls = SCHEDULERS[name]
+    if config.get("_class_name") == "FlowMatchEulerDiscreteScheduler" or ("shift" in config and "beta_schedule" not in config):
+        # SD3 / SD3.5 (flow matching): the DDPM-family samplers do not apply; keep the model's own
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     clips = "clip_sample" in inspect.signature(cls.__init__).parameters  # DDPM, DDIM; never pass it to others
     return cls.from_config(config, **({"clip_sample": False} if clips and "clip_sample" not in config else {}))
 
@@ -82,6 +87,10 @@ def load_pipeline(source, sdxl=False, variant=None, unet=None, unet_subfolder=No
     """
     if sdxl and safety_checker:
         raise UserError("--safety_checker: the SDXL pipeline has no safety checker")
+    if is_sd3(source, **hub_options(revision, cache_dir)):  # SD3 / SD3.5: `unet` is a transformer folder
+        return load_sd3_pipeline(source, variant=variant, transformer=unet, transformer_subfolder=unet_subfolder,
+                                 transformer_variant=unet_variant, dtype=dtype, sdxl=sdxl, safety_checker=safety_checker,
+                                 revision=revision, cache_dir=cache_dir)
     index = os.path.join(source, "model_index.json")
     if os.path.isfile(index):  # a local folder says which pipeline it is; catch a missing --sdxl
         with open(index) as f:
@@ -113,6 +122,29 @@ def load_pipeline(source, sdxl=False, variant=None, unet=None, unet_subfolder=No
     return pipe
 
 
+def load_sd3_pipeline(source, variant=None, transformer=None, transformer_subfolder=None, transformer_variant=None,
+                      dtype=torch.float32, sdxl=False, safety_checker=False, *, revision=None, cache_dir=None):
+    """The stock StableDiffusion3Pipeline, with `transformer` (e.g. train.py's ckpt-N/ema) in
+    place of the base one; the same one-line errors as `load_pipeline`."""
+    from diffusers import StableDiffusion3Pipeline
+    if sdxl or safety_checker:
+        raise UserError(f"{source} is an SD3 pipeline: {'--sdxl' if sdxl else '--safety_checker'} does not apply")
+    hub = hub_options(revision, cache_dir)
+    kwargs = {"tokenizer": load_tokenizer(source, **hub),
+              "tokenizer_2": load_tokenizer(source, "tokenizer_2", "text_encoder_2", **hub), "dtype": dtype, **hub}
+    if variant:
+        kwargs["variant"] = variant
+    if transformer is not None:
+        kwargs["transformer"] = load_transformer(transformer, transformer_subfolder, transformer_variant, dtype,
+                                                 what="--unet (SD3 transformer)", cache_dir=cache_dir)
+    pipe = from_pretrained(StableDiffusion3Pipeline, source, "SD3 pipeline", **kwargs)
+    if pipe.transformer.config.in_channels != pipe.vae.config.latent_channels:
+        raise UserError(f"the transformer takes {pipe.transformer.config.in_channels} latent channels, "
+                        f"the VAE gives {pipe.vae.config.latent_channels}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def check_unet_fits(pipe, unet_source):
     """A UNet of another model family fails deep inside the first step; say so now instead."""
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
@@ -127,7 +159,7 @@ def check_unet_fits(pipe, unet_source):
 
 def default_resolution(pipe):
     """The pipeline's own default: the UNet's sample size times the VAE's downscale factor."""
-    size = pipe.unet.config.sample_size
+    size = (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).config.sample_size  # SD3: a transformer
     return (size if isinstance(size, int) else size[0]) * pipe.vae_scale_factor
 
 
@@ -201,26 +233,8 @@ def batches(jobs, batch_size):
 
 
 # --------------------------------------------------------------------------- files
-def write_atomic(path, write):
-    """`write(tmp_path)`, then rename over `path`: a reader sees the old file or the whole new one."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_png(image, path):
-    write_atomic(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, write)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def check_output(output):

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 
+from rpo.io import write_bytes
 from rpo.cli import UserError
 from rpo.data.score_cache import JsonlAppender, part_paths, read_lines
 
@@ -125,8 +126,4 @@ class ImageStore:
         return os.path.isfile(self.path(uid))
 
     def put(self, uid, data):
-        path = self.path(uid)
-        temp = f"{path}.tmp{os.getpid()}"
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
+        write_bytes(self.path(uid), data)

@@ -24,6 +24,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from rpo.io import write_text
 from rpo.cli import UserError
 from rpo.data.folders import IMAGE_EXTENSIONS, list_images, read_caption
 from rpo.data.score_cache import JsonlAppender, part_paths, read_lines
@@ -131,23 +132,10 @@ class CacheAppender:
         self.writer.append([{"metric": m, "key": k, "score": v} for m, k, v in metric_scores])
 
 
-def write_atomic(path, text):
-    """Write a temporary file next to `path`, then rename it over `path`: readers see the
-    old file or the new one, never half of one."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_cache(root, cache):
     """Replace the JSON file with `cache` (which holds the side files' scores: read_cache
     merged them), then remove the side files; killed in between, the next read merges
     them again, which changes nothing."""
-    write_atomic(os.path.join(root, CACHE_NAME), json.dumps(cache, sort_keys=True))
+    write_text(os.path.join(root, CACHE_NAME), json.dumps(cache, sort_keys=True))
     for part in part_paths(root, PARTS_NAME):
         os.remove(part)

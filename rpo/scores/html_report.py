@@ -34,7 +34,7 @@ import json
 import math
 import os
 
-from rpo.scores.folders import write_atomic
+from rpo.io import write_text
 from rpo.scores.report import median_image
 
 THUMBNAIL_SIZE = 256   # longest side, px
@@ -325,7 +325,7 @@ by the normal approximation mean ± 1.96·std/√n (— below 2 images).</p>
 
 def write_html_report(path, report, captions, size=THUMBNAIL_SIZE):
     """Thumbnail every scored image of `report` (scores.json's object), render the page and
-    write it to `path` atomically (rpo/scores/folders.py's write_atomic)."""
+    write it to `path` atomically (rpo/io.py)."""
     thumbnails = {}
     for d, entry in enumerate(report["dirs"]):
         for rel in entry["scores"]:
@@ -335,4 +335,4 @@ def write_html_report(path, report, captions, size=THUMBNAIL_SIZE):
                 pass
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomic(path, render_html(report, captions, thumbnails))
+    write_text(path, render_html(report, captions, thumbnails))

@@ -16,6 +16,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
 from rpo.cli import UserError
+from rpo.io import write_json
 
 CKPT = re.compile(r"^ckpt-(\d+)$")
 
@@ -121,10 +122,7 @@ def write_checksums(state_dir):
             rel = os.path.relpath(path, state_dir)
             if rel != CHECKSUMS:
                 sums[rel] = {"size": os.path.getsize(path), "sha256": sha256(path)}
-    tmp = os.path.join(state_dir, CHECKSUMS + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(sums, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(state_dir, CHECKSUMS))
+    write_json(os.path.join(state_dir, CHECKSUMS), sums, indent=1, sort_keys=True)
 
 
 def verify_checksums(ckpt):

@@ -11,6 +11,8 @@ import json
 import math
 import os
 
+from rpo.io import atomic_write, write_text
+
 HISTORY = "history.jsonl"
 
 
@@ -48,10 +50,7 @@ def truncate_history(logdir, step):
     path = history_path(logdir)
     if not os.path.exists(path):
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def series(records, kind, prefix):
@@ -93,10 +92,7 @@ def write_plots(logdir):
         for ax in list(axes.flat)[len(data):]:
             ax.set_visible(False)
         fig.tight_layout()
-        path = os.path.join(folder, name)
-        tmp = os.path.join(folder, f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=80)
+        atomic_write(os.path.join(folder, name), lambda tmp: fig.savefig(tmp, dpi=80, format="png"))  # never half a PNG
         plt.close(fig)
-        os.replace(tmp, path)  # a viewer never sees half a PNG
         written[name] = data
     return written

@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from rpo.cli import UserError
-from rpo.generate import Job, image_seed, make_scheduler, plan, prompt_folder, run_jobs, write_captions, write_text
+from rpo.generate import Job, image_seed, make_scheduler, plan, prompt_folder, run_jobs, write_captions
+from rpo.io import write_text
 from rpo.scores import METRICS
 
 SCORE_CHOICES = METRICS
