@@ -21,6 +21,7 @@ from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import PromptDataset
 from rpo.models import (SDXL_VAE, check_pipeline_folder, fingerprint_change, offline_unless_hub_reachable,
                         weights_fingerprint)
+from rpo.models_sd3 import is_sd3
 
 
 def build_parser():
@@ -127,16 +128,19 @@ def lora_fingerprint(path):
     return {"folder": os.path.realpath(path), "files": files}
 
 
-WEIGHT_PARTS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2", "vae": "VAE"}
+WEIGHT_PARTS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2": "text encoder 2",
+                "text_encoder_3": "text encoder 3", "vae": "VAE"}
 
 
 def weights_of(args, memo):
     """{part: fingerprint} of the weights this run generates with (rpo.models.weights_fingerprint):
     the path says where they are, this says what they are."""
     source, hub = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
+    sd3 = is_sd3(source, **hub)  # SD3 / SD3.5: a transformer and three text encoders (rpo/models_sd3.py)
     parts = {"unet": weights_fingerprint(args.unet, args.unet_subfolder, cache_dir=args.cache_dir, memo=memo)
-             if args.unet else weights_fingerprint(source, "unet", **hub, memo=memo)}
-    for encoder in ("text_encoder", "text_encoder_2") if args.sdxl else ("text_encoder",):
+             if args.unet else weights_fingerprint(source, "transformer" if sd3 else "unet", **hub, memo=memo)}
+    encoders = ("text_encoder", "text_encoder_2", "text_encoder_3") if sd3 else ("text_encoder",)
+    for encoder in ("text_encoder", "text_encoder_2") if args.sdxl else encoders:
         parts[encoder] = weights_fingerprint(source, encoder, **hub, memo=memo)
     if args.sdxl and not os.path.isdir(source):  # rpo.models.load_vae: the fp16-fix VAE for a hub SDXL
         parts["vae"] = weights_fingerprint(SDXL_VAE, cache_dir=args.cache_dir, memo=memo)
