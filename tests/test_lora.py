@@ -237,6 +237,12 @@ def test_sft_run_resume_is_exact_and_rolls_nothing_out(kit, tmp_path):
     assert not (tmp_path / "straight" / "ckpt-4" / "state" / "rollout_unet.safetensors").exists()
     trained = lora(tmp_path / "straight" / "ckpt-4" / "lora")
     assert any(torch.count_nonzero(v) for k, v in trained.items() if "lora.up" in k or "lora_B" in k)
+    import json
+    with open(tmp_path / "straight" / "history.jsonl", encoding="utf-8") as f:
+        logged = [json.loads(line) for line in f if line.strip()]
+    train_rows = [r for r in logged if r.get("kind") == "train"]
+    assert [r["step"] for r in train_rows] == [2, 4]
+    assert all("loss/loss" in r and "loss/expert" in r and "loss/policy" not in r for r in train_rows)
 
 
 def test_sdxl_lora_runs_and_loads_in_the_sdxl_pipeline(kit, tmp_path):
@@ -261,6 +267,8 @@ def test_sdxl_lora_runs_and_loads_in_the_sdxl_pipeline(kit, tmp_path):
     (("--lora_rank", "4", "--lora_target_modules", "to_q,no_such_proj"), "no_such_proj names no module"),
     (("--lora_alpha", "8",), "need --lora_rank"),
     (("--lora_rank", "4", "--reference_unet", "x"), "--reference_unet does not apply to LoRA"),
+    (("--objective", "sft", "--reference_unet", "x"), "--reference_unet does not apply to --objective sft"),
+    (("--lora_rank", "-1",), "--lora_rank must be >= 1"),
 ])
 def test_bad_lora_input_is_one_line(kit, tmp_path, extra, message):
     proc = run(train_cmd(kit, tmp_path, "--num_steps", "2", "--gradient_accumulation_steps", "1", *extra), ok=False)
