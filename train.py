@@ -280,7 +280,8 @@ def main():
     if flow:  # every expert caption (and "" for dropped prompts) encoded once; T5 then leaves memory
         text = load_sd3_text_encoders(source, args.variant, weight_dtype, **hub).to(device)
         text.precompute([item.caption for item in experts.items] + [""])
-        text.release_encoders()
+        if not args.validation_steps:  # validation's pipeline calls encode their prompts themselves
+            text.release_encoders()
     else:
         text = load_text_encoders(source, args.sdxl, args.variant, weight_dtype, **hub).to(device)
     vae = load_vae(source, args.sdxl, args.variant, weight_dtype, vae=args.vae, **hub).to(device)
@@ -489,7 +490,7 @@ def sd3_family(args):
     if kind != "sd3":
         return False
     unsupported = {"--objective sft": args.objective == "sft", "--lora_rank": bool(args.lora_rank),
-                   "--validation_steps": bool(args.validation_steps), "--unet": bool(args.unet),
+                   "--unet": bool(args.unet),
                    "--reference_unet": bool(args.reference_unet), "--vae": bool(args.vae),
                    "--export_pipeline": bool(args.export_pipeline)}
     used = [name for name, on in unsupported.items() if on]

@@ -110,6 +110,17 @@ class SD3TextEncoders:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             setattr(self.pipe, name, None)
 
+    def pipeline(self, transformer, vae, scheduler):
+        """A StableDiffusion3Pipeline on these text parts (validation during training); needs the
+        encoders (not released), since a pipeline call encodes its prompts itself."""
+        from diffusers import StableDiffusion3Pipeline
+        if self.pipe.text_encoder_3 is None:
+            raise RuntimeError("SD3TextEncoders.pipeline: the text encoders were released")
+        p = self.pipe
+        return StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=p.text_encoder,
+                                        tokenizer=p.tokenizer, text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2,
+                                        text_encoder_3=p.text_encoder_3, tokenizer_3=p.tokenizer_3)
+
     def encode(self, captions):
         captions = list(captions)
         missing = [c for c in captions if c not in self.cache]

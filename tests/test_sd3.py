@@ -272,3 +272,22 @@ def test_train_inference_score_on_the_tiny_sd3_kit(sd3kit, scorer_weights, tmp_p
         table = json.load(f)
     assert table["dirs"][0]["images"] == 2 * n and table["dirs"][0]["failed"] == 0
     assert table["dirs"][0]["metrics"]["clip"]["count"] == 2 * n
+
+
+@pytest.mark.slow
+def test_validation_at_step_0_is_the_stock_pipeline(sd3kit, tmp_path):
+    import numpy as np
+    from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
+    run(train_cmd(sd3kit, tmp_path / "run", "--num_steps", "1", "--gradient_accumulation_steps", "1",
+                  "--checkpointing_steps", "1", "--buffer_update_steps", "1", "--validation_steps", "1",
+                  "--validation_dataset", sd3kit["prompts"], "--validation_num_inference_steps", "3",
+                  "--validation_guidance_scale", "4.0", "--seed", "3"))
+    # step 0 is the base model; image 0 of prompt p has seed 3 + p (rpo/generate.py)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3kit["sd3"])
+    folder = tmp_path / "run" / "images" / "step-0" / "1"
+    caption = open(folder / "caption.txt").read().strip()
+    want = pipe(caption, height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(3 + 1)).images[0]
+    got = Image.open(folder / "4.png")
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1

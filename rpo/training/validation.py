@@ -195,6 +195,8 @@ class Validator:
         self.on_score = on_score  # called on the main process with (step, {name: value})
 
     def pipeline(self, unet):
+        if hasattr(self.text, "pipeline"):  # SD3 / SD3.5: the text parts build it (rpo/models_sd3.py)
+            return self.text.pipeline(unet, self.vae, self.scheduler)
         common = dict(vae=self.vae, unet=unet, scheduler=self.scheduler)
         if self.settings.sdxl:
             return StableDiffusionXLPipeline(text_encoder=self.text.encoders[0], text_encoder_2=self.text.encoders[1],
