@@ -201,15 +201,6 @@ def check_args(args):
         raise UserError("--lora_target_modules names no module")
     if args.objective == "sft" and args.reference_unet:
         raise UserError("--reference_unet does not apply to --objective sft: the SFT loss has no reference model")
-    if args.lora_rank is not None and args.lora_rank < 0:
-        raise UserError(f"--lora_rank must be >= 1 (or 0 for full fine-tuning), got {args.lora_rank}")
-    if not args.lora_rank and (args.lora_alpha is not None or args.save_merged_unet):
-        raise UserError("--lora_alpha and --save_merged_unet need --lora_rank N (LoRA training)")
-    if args.lora_rank and args.reference_unet:
-        raise UserError("--reference_unet does not apply to LoRA: the reference is the base UNet (--unet or the "
-                        "pipeline's) with the adapters disabled")
-    if args.lora_rank and not [m for m in args.lora_target_modules.split(",") if m.strip()]:
-        raise UserError("--lora_target_modules names no module")
     if args.score and not args.validation_steps:
         raise UserError("--score needs --validation_steps N > 0 (the score is computed at each validation)")
     trackers_of(args.report_to)  # an unknown or uninstalled tracker fails now, not after the weights load
