@@ -506,26 +506,6 @@ def check_lora_targets(args):
                         f"(e.g. {', '.join(LORA_TARGET_MODULES)})")
 
 
-def lora_target_list(args):
-    return [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]
-
-
-def check_lora_targets(args):
-    """Refuse --lora_target_modules entries that name no module of the UNet, from its config
-    alone (built on the meta device: no weights read)."""
-    from diffusers import UNet2DConditionModel
-    if args.unet:
-        config = UNet2DConditionModel.load_config(args.unet)
-    else:
-        config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
-    with torch.device("meta"):
-        arch = UNet2DConditionModel.from_config(config)
-    unmatched = [t for t, n in lora_targets_matched(arch, lora_target_list(args)).items() if n == 0]
-    if unmatched:
-        raise UserError(f"--lora_target_modules: {', '.join(unmatched)} names no module of the UNet "
-                        f"(e.g. {', '.join(LORA_TARGET_MODULES)})")
-
-
 def record_start(args, resume_from):
     """Append this start (fresh or resumed, with every option) to <logdir>/training_config.json."""
     path = os.path.join(args.logdir, "training_config.json")
