@@ -291,3 +291,27 @@ def test_validation_at_step_0_is_the_stock_pipeline(sd3kit, tmp_path):
                 generator=torch.Generator().manual_seed(3 + 1)).images[0]
     got = Image.open(folder / "4.png")
     assert np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max() <= 1
+
+
+def test_truncated_rollout_records_what_the_whole_rollout_records(sd3kit):
+    # truncation (on by default at the paper's buffer settings) with the flow sampler: each row's
+    # recorded step is the whole rollout's step stop[i]
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from rpo.diffusion.flow import PerRowFlowEuler, TransformerAsDenoiser, flow_timesteps
+    from rpo.diffusion.rollout import rollout, truncated_rollout
+    from rpo.models_sd3 import load_transformer
+    model = TransformerAsDenoiser(load_transformer(sd3kit["sd3"]))
+    config = dict(FlowMatchEulerDiscreteScheduler(shift=SHIFT).config)
+    g = torch.Generator().manual_seed(0)
+    grid = flow_timesteps(config, 4, 3, True, generator=g)
+    x_T = torch.randn(3, 16, 4, 4, generator=g)
+    embeds, pooled = torch.randn(3, 5, 32, generator=g), torch.randn(3, 32, generator=g)
+    cond = {"pooled_projections": pooled}
+    whole = rollout(model, PerRowFlowEuler(config), x_T, grid, embeds, added_cond_kwargs=cond)
+    stop = torch.tensor([2, -1, 0])
+    picks = truncated_rollout(model, PerRowFlowEuler(config), x_T, grid, embeds, stop, added_cond_kwargs=cond)
+    for i, k in ((0, 2), (2, 0)):
+        assert picks.t[i] == grid[i, k]
+        assert torch.allclose(picks.x_t[i], whole.x_t[i, k], atol=1e-6)
+        assert torch.allclose(picks.eps[i], whole.eps[i, k], atol=1e-5)
+    assert picks.unet_rows == 3 + 1
