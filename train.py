@@ -22,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from rpo.io import write_json
-from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
+from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import ExpertBatches, ExpertDataset, PromptDataset
 from rpo.diffusion.family import UNetFamily, read_schedule_config
 from rpo.diffusion.flow import FlowMatchFamily, read_flow_schedule
@@ -167,6 +167,12 @@ def check_args(args):
     for name in positive:
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if not math.isfinite(args.margin) or args.margin < 0:
+        raise UserError(f"--margin must be a number >= 0, got {args.margin}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU (fp16 autocast does not run on the CPU): use bf16 or no")
     if args.resolution % 8:
         raise UserError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
     if args.num_steps % args.gradient_accumulation_steps:
@@ -217,6 +223,7 @@ def main():
                                               args.train_dataset_name) if p is not None]
                                  + ([args.weights_dir] if args.score else []))
     # Everything a user can get wrong is checked before any model loads.
+    check_writable(args.logdir, "--logdir")
     experts = ExpertDataset(None if args.train_dataset_name else args.train_dataset, args.resolution, args.random_flip,
                             args.random_crop, dataset_name=args.train_dataset_name, image_column=args.image_column,
                             caption_column=args.caption_column, cache_dir=args.cache_dir)

@@ -114,6 +114,9 @@ def test_latent_size_follows_resolution(kit, tmp_path):
     (("--train_dataset", "/no/such/folder"), "train dataset folder not found: /no/such/folder"),
     (("--resume", "/no/such/ckpt-4"), "--resume /no/such/ckpt-4: not a checkpoint folder"),
     (("--resume", "--overwrite"), "--resume and --overwrite contradict each other"),
+    (("--learning_rate", "nan"), "--learning_rate must be a positive number, got nan"),
+    (("--mixed_precision", "fp16"), "--mixed_precision fp16 needs a CUDA GPU"),
+    (("--logdir", "/proc/version/log"), "--logdir /proc/version/log: /proc/version is a file, not a folder"),
     (("--validation_steps", "2", "--validation_dataset", "/no/prompts"), "validation dataset folder not found: /no/prompts"),
     (("--pretrained_model_name_or_path", "/tmp"), "is not a diffusers pipeline folder"),
     (("--buffer_scheduler", "Euler"), "invalid choice"),
@@ -290,3 +293,24 @@ def test_resume_option_classes(kit, tmp_path):
     lrs = {e.step: e.value for e in events.Scalars("params/lr")}
     assert lrs[2] == pytest.approx(1e-4) and lrs[4] == pytest.approx(1e-4)
     assert lrs[6] == pytest.approx(0.5) and lrs[8] == pytest.approx(0.5)
+
+
+def test_image_unreadable_during_training_is_one_line_naming_it(kit, tmp_path):
+    """An expert image that breaks after the start-up check (here: truncated on disk) stops
+    training with one line naming the file, also when it was read in a DataLoader worker."""
+    import shutil
+    from rpo.cli import UserError
+    from rpo.data.folders import ExpertBatches, ExpertDataset
+    from rpo.training.steps import next_batch
+    experts = tmp_path / "experts"
+    shutil.copytree(kit["experts"], experts)
+    data = ExpertDataset(str(experts), 32)
+    for item in data.items:  # every image truncated, so the first batch meets one
+        with open(item.image, "r+b") as f:
+            f.truncate(40)
+    loader = iter(torch.utils.data.DataLoader(data, batch_sampler=ExpertBatches(len(data), 2), num_workers=1))
+    with pytest.raises(UserError) as e:
+        next_batch(loader)
+    message = str(e.value)
+    assert "\n" not in message and "cannot be read any more" in message
+    assert any(item.image in message for item in data.items)

@@ -280,10 +280,14 @@ class ExpertDataset(torch.utils.data.Dataset):
     def load(self, index, flip, rng=None):
         """Item `index`, mirrored or not; `rng` draws the random crop corner."""
         item = self.items[index]
-        with self.open_image(index) as image:
-            original_size = (image.height, image.width)
-            if self.load_pixels:
-                image = to_rgb(image)
+        try:
+            with self.open_image(index) as image:
+                original_size = (image.height, image.width)
+                if self.load_pixels:
+                    image = to_rgb(image)
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:  # changed on disk since the start-up check
+            raise UserError(f"expert image {item.image} cannot be read any more ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
         scale = self.resolution / min(original_size)
         size = (max(self.resolution, round(original_size[1] * scale)), max(self.resolution, round(original_size[0] * scale)))
         max_top, max_left = size[1] - self.resolution, size[0] - self.resolution

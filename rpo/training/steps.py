@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rpo.cli import UserError
 from rpo.diffusion.buffer import draw_picks
 from rpo.diffusion.loss import STAT_KEYS
 from rpo.diffusion.objective import dro_loss, sft_loss
@@ -63,6 +64,15 @@ def truncation_applies(*, buffer_size, sample_steps, pair_batch_size, rollout_ba
                   "(--buffer_sample_steps 1, a refill replaces the whole buffer, --batch_size <= --buffer_size, no sync)")
 
 
+def next_batch(batches):
+    """The next expert batch. A `UserError` raised in a DataLoader worker (an image that
+    became unreadable) reaches here wrapped in the worker's traceback: keep its one line."""
+    try:
+        return next(batches)
+    except UserError as e:
+        raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
+
+
 class Refiller:
     def __init__(self, *, batches, text, vae, family, sampler, settings, accelerator, weight_dtype, moments=None):
         self.batches, self.text, self.vae, self.family = batches, text, vae, family
@@ -81,7 +91,7 @@ class Refiller:
         if s.truncate:
             return self.truncated_refill(model=model, state=state, num_batches=n)
         for _ in range(n):
-            batch = next(self.batches)
+            batch = next_batch(self.batches)
             state.expert_batches_used += 1
             fields = self.trajectories(model, batch, state)
             if s.sync and self.accelerator.num_processes > 1:
@@ -99,7 +109,7 @@ class Refiller:
         s = self.settings
         prepared = []
         for _ in range(num_batches):
-            batch = next(self.batches)
+            batch = next_batch(self.batches)
             state.expert_batches_used += 1
             prepared.append((batch, self.conditioning(batch, state)))
         total = num_batches * s.batch_size
@@ -227,7 +237,7 @@ def sft_micro_step(*, accelerator, model, params, family, refiller, state, optim
     uniform over the training timesteps and fresh noise, one denoising-loss backward; at the
     end of an accumulation, clip and step. No rollouts, no buffer. Returns the SFT_STAT_KEYS
     values."""
-    batch = next(refiller.batches)
+    batch = next_batch(refiller.batches)
     state.expert_batches_used += 1
     sample = expert_sample(refiller, batch, state)
     b = sample["x0"].shape[0]
