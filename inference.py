@@ -42,7 +42,7 @@ def build_parser():
                    help="LoRA weights to load into the UNet with pipe.load_lora_weights: a folder such as "
                         "<logdir>/ckpt-N/lora_ema (train.py --lora_rank), or a hub id")
     p.add_argument("--scheduler", default="DDPM", choices=list(generate.SCHEDULERS),
-                   help="stock diffusers sampler; SDXL is the public code's name for Euler")
+                   help="stock diffusers sampler; SDXL is the paper's code's name for Euler")
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--num_images_per_prompt", type=int, default=5)

@@ -1,4 +1,4 @@
-"""Score image folders with the preference metrics (DESIGN §5, §6).
+"""Score image folders with the preference metrics (docs/design.md, "Data formats" and "Scorers").
 
     accelerate launch [--multi_gpu --num_processes 4] score.py --batch_size 32 \\
         --pickscore --hpsv2 --aestheticv2 --clip --imagereward \\

@@ -27,7 +27,7 @@ class UserError(Exception):
 
 
 def flag(parser, name, default, help):
-    """A `--name/--no-name` switch, spelled as the public code spells it (underscores kept)."""
+    """A `--name/--no-name` switch, spelled as the paper's code (basiclab/DiffusionDRO) spells it (underscores kept)."""
     parser.add_argument(f"--{name}", default=default, action=argparse.BooleanOptionalAction, help=help)
 
 

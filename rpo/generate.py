@@ -1,6 +1,6 @@
 """Deterministic, resumable generation of benchmark images (what inference.py runs).
 
-Layout (REFERENCE §3): `<output>/<prompt index, zero-padded>/caption.txt` and one
+Layout (docs/upstream.md, "Data layouts"): `<output>/<prompt index, zero-padded>/caption.txt` and one
 `<seed>.png` per image, plus `<output>/manifest.json` recording how the images were made.
 The seed of image k of prompt p is `seed + p + k * num_prompts` (the paper's protocol),
 and every image gets its own generator, so its starting noise (and DDPM's per-step noise)

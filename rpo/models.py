@@ -265,7 +265,7 @@ def load_text_encoders(source, sdxl=False, variant=None, dtype=torch.float32, *,
 
 
 def load_vae(source, sdxl=False, variant=None, dtype=torch.float32, vae=None, *, revision=None, cache_dir=None):
-    """The pipeline's VAE; for SDXL the fp16-fix VAE (as the public code), unless `vae` names another.
+    """The pipeline's VAE; for SDXL the fp16-fix VAE (as the paper's code, basiclab/DiffusionDRO), unless `vae` names another.
 
     `revision` is the pipeline's: a separate `vae` repository gets only `cache_dir`."""
     if vae is None and sdxl and not os.path.isdir(source):

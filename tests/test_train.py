@@ -1,5 +1,5 @@
 """train.py end to end on the tiny kit (CPU, fp32): exact resume, atomic checkpoints,
-the public code's defects not repeated, bad input refused before models load."""
+the defects of the paper's code (basiclab/DiffusionDRO, docs/upstream.md) not repeated, bad input refused before models load."""
 import os
 import re
 import signal
@@ -43,7 +43,7 @@ def assert_same_weights(a, b):
 
 def test_resume_is_exact(kit, tmp_path):
     # buffer_update_steps 4 with accumulation 2: the rollout copy lags the trainable weights,
-    # the harder case (its weights are part of the state); DDIM rollouts (REFERENCE §6.5).
+    # the harder case (its weights are part of the state); DDIM rollouts (docs/upstream.md, defect 5).
     common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "4", "--buffer_update_steps", "4",
               "--buffer_scheduler", "DDIM", "--learning_rate", "1e-3", "--checkpoints_total_limit", "2")
     run(train_cmd(kit, tmp_path / "straight", "--num_steps", "8", *common))
@@ -62,7 +62,7 @@ def test_resume_is_exact(kit, tmp_path):
     after = weights(tmp_path / "straight" / "ckpt-8" / "unet")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert not (tmp_path / "split" / ".tmp-ckpt-6").exists()
-    # the replay buffer is part of the state, not rebuilt empty (REFERENCE §6.9)
+    # the replay buffer is part of the state, not rebuilt empty (docs/upstream.md, defect 9)
     state = torch.load(tmp_path / "split" / "ckpt-8" / "state" / "rank0.pt", weights_only=True)
     assert state["buffer"]["tensors"]["x_t"].shape[0] == 4
 
@@ -81,7 +81,7 @@ def test_ckpt_ema_loads_as_unet_and_limit_keeps_newest_state(kit, tmp_path):
 def test_gradient_clipping_reaches_the_weights(kit, tmp_path):
     # AdamW is scale invariant except for eps: clipping the gradient norm to 1e-12 makes the
     # update ~lr * g / eps, orders of magnitude smaller than the unclipped ~lr. The public
-    # code's clipping saw an exhausted iterator and never happened (REFERENCE §6.1).
+    # code's clipping saw an exhausted iterator and never happened (docs/upstream.md, defect 1).
     common = ("--num_steps", "1", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "1",
               "--buffer_update_steps", "1", "--learning_rate", "1e-2", "--no-use_ema")
     run(train_cmd(kit, tmp_path / "free", "--max_grad_norm", "0", *common))
@@ -97,7 +97,7 @@ def test_gradient_clipping_reaches_the_weights(kit, tmp_path):
 
 def test_latent_size_follows_resolution(kit, tmp_path):
     # the tiny UNet's sample_size is 8 (64 px); --resolution 48 must give 6x6 latents on both
-    # halves (the public code took the size from the UNet config and crashed, REFERENCE §6.11)
+    # halves (the paper's code took the size from the UNet config and crashed, docs/upstream.md, defect 11)
     run(train_cmd(kit, tmp_path, "--num_steps", "1", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "1",
                   "--buffer_update_steps", "1", "--resolution", "48"))
     state = torch.load(tmp_path / "ckpt-1" / "state" / "rank0.pt", weights_only=True)["buffer"]["tensors"]
@@ -159,7 +159,7 @@ def test_sigkill_then_resume_finishes_with_same_weights(kit, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("metric", ["pickscore", "hpsv2", "aestheticv1", "aestheticv2", "clip", "imagereward"])
 def test_every_score_choice_validates(kit, tmp_path, scorer_weights, metric):
-    # the public code accepted aestheticv1/v2 and crashed at the first checkpoint (REFERENCE §6.7)
+    # the paper's code accepted aestheticv1/v2 and crashed at the first checkpoint (docs/upstream.md, defect 7)
     proc = run(train_cmd(kit, tmp_path, "--num_steps", "1", "--gradient_accumulation_steps", "1",
                          "--checkpointing_steps", "1", "--buffer_update_steps", "1", "--validation_steps", "1",
                          "--validation_num_inference_steps", "2", "--validation_scheduler", "DDIM",
@@ -178,7 +178,7 @@ def test_missing_scorer_weights_fail_at_start(kit, tmp_path):
 
 def test_sdxl_with_guidance_and_options(kit, tmp_path):
     # SDXL conditioning (pooled text, size/crop ids), classifier-free guidance with
-    # per-sample timesteps (the public code failed, REFERENCE §6.6), DDIM rollouts, random
+    # per-sample timesteps (the paper's code failed, docs/upstream.md, defect 6), DDIM rollouts, random
     # crops, the logistic loss and gradient checkpointing
     from rpo.tiny import pipelines as tiny
     tiny.write_sdxl(str(tmp_path / "sdxl"))
@@ -198,7 +198,7 @@ def test_public_flag_spellings_parse(monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     import train
     parser = train.build_parser()
-    # the public code's negative form is misspelt; both spellings work
+    # the paper's code's negative form is misspelt; both spellings work
     assert parser.parse_args(["--gradient_checkpointing", "--no-gradient_checkpoint"]).gradient_checkpointing is False
     assert parser.parse_args(["--no-gradient_checkpointing"]).gradient_checkpointing is False
     assert parser.parse_args(["--no-buffer_sync", "--no-hinge"]).hinge is False

@@ -6,7 +6,7 @@ expert image and of its mirror (the only augmentation with a centre crop) can be
 once; each refill then draws x0 from the cached moments with the same generator call the
 fresh encoding makes, which gives the same distribution - and the same numbers up to the
 VAE's batch-size rounding - without running the encoder every micro-step (~5 % of a step's
-FLOPs at 512 px, DESIGN §9).
+FLOPs at 512 px, docs/design.md, "Cost model").
 """
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
