@@ -21,7 +21,7 @@ demo: setup
 	PYTHON=$(PY) bash scripts/offline_demo.sh
 
 test: setup
-	$(PY) -m pytest -m "not slow and not parity" -q
+	$(PY) -m pytest -m "not slow and not parity" -q -n 2
 
 test-slow: setup
 	$(PY) -m pytest -m "slow" -q

@@ -380,20 +380,16 @@ def main():
                               on_score=lambda step, logs: append_history(args.logdir, {"kind": "validation", "step": step, **logs}))
     if accelerator.is_main_process:
         print_summary(args, len(experts), world, num_updates, state.step, validator)
-    def validate(step):  # with the EMA weights, what ckpt-N/ema holds
-        with ema.swapped_into(params.named_trainable()) if ema is not None else nullcontext():
-            validator.run(params.trainable, step)
-        if accelerator.is_main_process:
-            write_plots(args.logdir)
+    validate = dict(validator=validator, ema=ema, params=params, logdir=args.logdir, main=accelerator.is_main_process)
     if validator is not None:
         # Step 0 is the starting model, before any update. ckpt-N is saved before the validation
         # of step N runs, so a run killed during it resumes after N: finish that one first
         # (only its missing images are made; rpo/training/validation.py).
         if state.step == 0 and not os.path.isfile(os.path.join(args.logdir, "images", "step-0.png")):
-            validate(0)
+            run_validation(step=0, **validate)
         elif (state.step and (state.step % args.validation_steps == 0 or os.path.isdir(validator.folder(state.step)))
               and not validator.complete(state.step)):
-            validate(state.step)
+            run_validation(step=state.step, **validate)
 
     # ---------------------------------------------------------------- loop
     bar = tqdm(range(state.step + 1, args.num_steps + 1), initial=state.step, total=args.num_steps,
@@ -433,7 +429,7 @@ def main():
             save_checkpoint(logdir=args.logdir, accelerator=accelerator, model=model, params=params, ema=ema, state=state,
                             args=vars(args), keep=args.checkpoints_total_limit, keep_weights=args.checkpoints_keep_weights)
         if validator is not None and (step % args.validation_steps == 0 or step == args.num_steps):
-            validate(step)
+            run_validation(step=step, **validate)
         elif step % args.checkpointing_steps == 0 and accelerator.is_main_process:
             write_plots(args.logdir)
         if step % args.checkpointing_steps == 0 or (validator is not None and step % args.validation_steps == 0):
@@ -446,6 +442,14 @@ def main():
             from tools.export_pipeline import export
             export(checkpoint.final_dir(args.logdir, args.num_steps), args.export_pipeline, base=args.pretrained_model_name_or_path)
             print(f"exported {checkpoint.final_dir(args.logdir, args.num_steps)} as a pipeline -> {args.export_pipeline}")
+
+
+def run_validation(*, validator, ema, params, step, logdir, main):
+    """Validate with the EMA weights swapped in (what ckpt-N/ema holds), then redraw the plots."""
+    with ema.swapped_into(params.named_trainable()) if ema is not None else nullcontext():
+        validator.run(params.trainable, step)
+    if main:
+        write_plots(logdir)
 
 
 def print_summary(args, examples, world, num_updates, start, validator):

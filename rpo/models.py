@@ -207,13 +207,19 @@ def load_tokenizer(source, subfolder="tokenizer", encoder_subfolder="text_encode
     return check_tokenizer(tokenizer, source, config.vocab_size, subfolder)
 
 
-def load_unet(source, subfolder=None, variant=None, dtype=torch.float32, what="UNet", *, revision=None, cache_dir=None):
+def load_model(cls, source, subfolder=None, variant=None, dtype=torch.float32, what="model", *, revision=None,
+               cache_dir=None):
+    """A diffusers model (`cls`: UNet, SD3 transformer, ...) with one-line errors."""
     kwargs = {"dtype": dtype, **hub_options(revision, cache_dir)}
     if subfolder:
         kwargs["subfolder"] = subfolder
     if variant:
         kwargs["variant"] = variant
-    return from_pretrained(UNet2DConditionModel, source, what, **kwargs)
+    return from_pretrained(cls, source, what, **kwargs)
+
+
+def load_unet(source, subfolder=None, variant=None, dtype=torch.float32, what="UNet", *, revision=None, cache_dir=None):
+    return load_model(UNet2DConditionModel, source, subfolder, variant, dtype, what, revision=revision, cache_dir=cache_dir)
 
 
 @dataclass

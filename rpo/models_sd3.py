@@ -14,7 +14,7 @@ import os
 import torch
 
 from rpo.cli import UserError
-from rpo.models import from_pretrained, hub_options, load_tokenizer
+from rpo.models import from_pretrained, hub_options, load_model, load_tokenizer
 
 SD3_PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s default for T5
@@ -60,12 +60,8 @@ def resolve_model_family(choice, source, *, sdxl=False, **hub):
 def load_transformer(source, subfolder="transformer", variant=None, dtype=torch.float32, what="transformer", *,
                      revision=None, cache_dir=None):
     from diffusers import SD3Transformer2DModel
-    kwargs = {"dtype": dtype, **hub_options(revision, cache_dir)}
-    if subfolder:
-        kwargs["subfolder"] = subfolder
-    if variant:
-        kwargs["variant"] = variant
-    return from_pretrained(SD3Transformer2DModel, source, what, **kwargs)
+    return load_model(SD3Transformer2DModel, source, subfolder, variant, dtype, what, revision=revision,
+                      cache_dir=cache_dir)
 
 
 class SD3TextEncoders:

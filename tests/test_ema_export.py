@@ -36,7 +36,8 @@ def expected_ema(sequence, dtype):
     return ema
 
 
-@pytest.mark.parametrize("precision, offload", [("no", True), ("no", False), ("bf16", True)])
+@pytest.mark.parametrize("precision, offload", [("no", True), pytest.param("no", False, marks=pytest.mark.slow),
+                                               pytest.param("bf16", True, marks=pytest.mark.slow)])
 def test_ckpt_ema_is_the_ema_of_the_trained_weights(kit, tmp_path, precision, offload):
     updates = 4
     run(train_cmd(kit, tmp_path, "--num_steps", str(2 * updates), "--gradient_accumulation_steps", "2",
@@ -90,6 +91,7 @@ def test_validation_images_equal_inference_on_ckpt_ema(kit, tmp_path):
     assert np.abs(a - c).max() > 1
 
 
+@pytest.mark.slow
 def test_recover_ema_rewrites_a_pre_fix_run(kit, tmp_path):
     """A run as the buggy trainer left it: ema/ a copy of unet/, the EMA only in trainer.pt
     (then a list in parameter order). The tool restores the EMA recomputed from the weights."""

@@ -68,6 +68,7 @@ def test_exported_pipeline_equals_inference_on_ckpt_ema(kit, trained, tmp_path):
     assert any(not torch.equal(raw[k], ema[k]) for k in ema)  # EMA and raw weights differ: the check above can fail
 
 
+@pytest.mark.slow
 def test_export_tool_raw_and_refusals(kit, trained, tmp_path):
     log, _ = trained
     out = tmp_path / "raw"
@@ -125,6 +126,7 @@ def test_model_card_for_lora_and_sft():
 
 
 @pytest.mark.skipif("--lora_rank" not in open(os.path.join(REPO, "train.py")).read(), reason="train.py has no LoRA yet")
+@pytest.mark.slow
 def test_lora_checkpoint_exports_with_fused_adapters(kit, tmp_path):
     """Base + fused LoRA (the export) against base + unfused adapters loaded by diffusers."""
     log, out = tmp_path / "log", tmp_path / "exported"

@@ -36,7 +36,7 @@ def train(pipeline, experts, logdir, *extra):
                 "--checkpoints_total_limit", "2", *extra])
 
 
-@pytest.mark.parametrize("scheduler", ["pndm", pytest.param("karras", marks=pytest.mark.slow),
+@pytest.mark.parametrize("scheduler", [pytest.param("pndm", marks=pytest.mark.slow), pytest.param("karras", marks=pytest.mark.slow),
                                        pytest.param("vpred", marks=pytest.mark.slow)])
 def test_independent_pipeline_trains_resumes_generates_and_scores(tmp_path, experts, scheduler, scorer_weights):
     pipeline = write_independent_sd15(tmp_path / "pipe", scheduler=scheduler)

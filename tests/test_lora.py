@@ -109,6 +109,7 @@ def test_gradients_only_on_adapter_parameters(kit):
     assert any(p.grad.abs().sum() > 0 for n, p in params.named_trainable() if ".lora_B." in n)
 
 
+@pytest.mark.slow
 def test_lora_run_resume_ema_and_stock_pipeline(kit, tmp_path):
     """8 micro-steps straight = 4 + --resume latest + 4, bit for bit, with a lagging rollout
     adapter; lora_ema is the EMA of the saved adapter sequence; a stock pipeline with
@@ -223,6 +224,7 @@ def test_sft_gradient_equals_mse_written_out(kit):
     assert any(p.grad.abs().sum() > 0 for p in ref_unet.parameters())
 
 
+@pytest.mark.slow
 def test_sft_run_resume_is_exact_and_rolls_nothing_out(kit, tmp_path):
     common = ("--objective", "sft", "--lora_rank", "2", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2",
               "--learning_rate", "1e-2", "--buffer_update_steps", "4")
@@ -277,6 +279,7 @@ def test_bad_lora_input_is_one_line(kit, tmp_path, extra, message):
     assert message in lines[-1] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_inference_lora_equals_validation_and_is_fingerprinted(kit, tmp_path):
     import json
     from test_train import REPO

@@ -367,6 +367,7 @@ def test_inference_read_only_output_is_refused(kit, tmpfs, capsys):
 
 
 # --------------------------------------------------------------------------- no network
+@pytest.mark.slow
 def test_unreachable_hub_fails_within_seconds(kit, scorer_weights, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                                                             "HF_DATASETS_OFFLINE")}

@@ -226,6 +226,7 @@ def run(cmd):
     return proc
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_truncation(kit, tmp_path):
     from safetensors.torch import load_file
     run(train_cmd(kit, tmp_path / "straight", "--num_steps", "8"))

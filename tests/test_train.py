@@ -220,6 +220,7 @@ def test_config_file_for_train(kit, tmp_path):
     assert proc.returncode == 2 and "unknown option 'buffer_sizee'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_latest_logdir_rules_and_run_log(kit, tmp_path):
     import json
     log = tmp_path / "log"
@@ -255,6 +256,7 @@ def flip_bytes(path, offset=4096, count=4096):
         f.write(bytes(b ^ 0xFF for b in data))
 
 
+@pytest.mark.slow
 def test_corrupted_state_is_refused_and_latest_falls_back(kit, tmp_path):
     log = tmp_path / "log"
     common = ("--gradient_accumulation_steps", "2", "--checkpointing_steps", "2", "--buffer_update_steps", "2",
@@ -278,6 +280,7 @@ def test_corrupted_state_is_refused_and_latest_falls_back(kit, tmp_path):
     assert proc.returncode == 2 and "trainer.pt has 100 bytes" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_option_classes(kit, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     log = tmp_path / "log"

@@ -187,6 +187,7 @@ def test_history_matches_tensorboard_and_plots_exist(trained):
     assert not os.path.exists(log / "plots" / "score.png")  # no --score: nothing to plot
 
 
+@pytest.mark.slow
 def test_partial_validation_is_completed_after_resume(kit, trained, tmp_path):
     """A kill during the validation of step 4 (ckpt-4 already saved): one PNG and the grid
     missing. The resumed run makes that one image again, equal to the lost one, and keeps

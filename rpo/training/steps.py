@@ -192,6 +192,18 @@ class Refiller:
         return dict(prompt_embeds=embeds, x0=x0, t=traj.t, x_t=traj.x_t, eps=traj.eps, **extras)
 
 
+def backward_and_step(*, accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm):
+    """Inside `accelerator.accumulate`: backward, and at the end of an accumulation clip the
+    trainable parameters' gradient norm, step the optimizer and the LR schedule. (accelerate
+    makes the optimizer and scheduler steps no-ops mid-accumulation.)"""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm > 0:
+        accelerator.clip_grad_norm_([p for _, p in params.named_trainable()], max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def dro_micro_step(*, accelerator, model, params, family, state, batch_size, optimizer, lr_scheduler,
                    margin, hinge, max_grad_norm):
     """Sample `batch_size` (expert, policy) pairs at shared timesteps, one ranking-loss
@@ -201,12 +213,8 @@ def dro_micro_step(*, accelerator, model, params, family, state, batch_size, opt
     with accelerator.accumulate(model):
         loss, stats = dro_loss(model=model, reference=params.reference, family=family, sample=sample,
                                eps_expert=eps_expert, margin=margin, hinge=hinge, autocast=accelerator.autocast)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and max_grad_norm > 0:
-            accelerator.clip_grad_norm_([p for _, p in params.named_trainable()], max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward_and_step(accelerator=accelerator, loss=loss, params=params, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
     return torch.stack([stats[k] for k in STAT_KEYS])
 
 
@@ -245,10 +253,6 @@ def sft_micro_step(*, accelerator, model, params, family, refiller, state, optim
     eps = torch.randn(sample["x0"].shape, generator=state.dev_gen, device=accelerator.device)
     with accelerator.accumulate(model):
         loss, stats = sft_loss(model=model, family=family, sample=sample, eps_expert=eps, autocast=accelerator.autocast)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and max_grad_norm > 0:
-            accelerator.clip_grad_norm_([p for _, p in params.named_trainable()], max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        backward_and_step(accelerator=accelerator, loss=loss, params=params, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
     return torch.stack([stats[k] for k in SFT_STAT_KEYS])
