@@ -114,7 +114,7 @@ def build_parser():
     a("--objective", choices=["dro", "sft"], default="dro",
       help="dro: Diffusion-DRO; sft: the paper's SFT baseline, the plain denoising loss on the same experts (no rollouts)")
     # LoRA (diffusers' LoRA conventions; see README "LoRA and the SFT baseline")
-    a("--lora_rank", type=int, default=None, help="train LoRA adapters of this rank on the UNet; None or 0: full fine-tuning")
+    a("--lora_rank", type=int, default=None, help="train LoRA adapters of this rank on the UNet (SD3: the transformer); None or 0: full fine-tuning")
     a("--lora_alpha", type=float, default=None, help="LoRA scaling numerator (scale alpha/rank); None: the rank")
     a("--lora_target_modules", default=",".join(LORA_TARGET_MODULES),
       help="comma-separated module names the adapters wrap (peft: a name or its last components)")
@@ -260,7 +260,7 @@ def main():
     if accelerator.distributed_type == DistributedType.FSDP and args.lora_rank:
         raise UserError("--lora_rank is not supported under FSDP (use DDP or DeepSpeed ZeRO-2: the adapters are small)")
     if args.lora_rank:
-        check_lora_targets(args)
+        check_lora_targets(args, flow)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # The scorer loads now, before the diffusion models: a missing metric fails at start-up,
@@ -302,7 +302,8 @@ def main():
     lagging = args.gradient_accumulation_steps % args.buffer_update_steps != 0 and not sft  # SFT runs no rollouts
     if lora:
         params = LoRAFineTune(base=unet, rank=args.lora_rank, alpha=args.lora_alpha, lagging=lagging,
-                              target_modules=lora_target_list(args), save_merged=args.save_merged_unet, seed=args.seed)
+                              target_modules=lora_target_list(args), save_merged=args.save_merged_unet, seed=args.seed,
+                              component="transformer" if flow else "unet")
     else:
         rollout_copy = load(args.unet, weight_dtype, "rollout UNet").requires_grad_(False).to(device) if lagging else None
         params = FullFineTune(trainable=unet, reference=reference, rollout=rollout_copy)
@@ -491,7 +492,7 @@ def sd3_family(args):
                                 revision=args.revision, cache_dir=args.cache_dir)
     if kind != "sd3":
         return False
-    unsupported = {"--objective sft": args.objective == "sft", "--lora_rank": bool(args.lora_rank),
+    unsupported = {"--objective sft": args.objective == "sft", "--save_merged_unet": args.save_merged_unet,
                    "--unet": bool(args.unet),
                    "--reference_unet": bool(args.reference_unet), "--vae": bool(args.vae),
                    "--export_pipeline": bool(args.export_pipeline)}
@@ -501,19 +502,25 @@ def sd3_family(args):
     return True
 
 
-def check_lora_targets(args):
-    """Refuse --lora_target_modules entries that name no module of the UNet, from its config
-    alone (built on the meta device: no weights read)."""
-    from diffusers import UNet2DConditionModel
-    if args.unet:
-        config = UNet2DConditionModel.load_config(args.unet)
+def check_lora_targets(args, flow=False):
+    """Refuse --lora_target_modules entries that name no module of the UNet (the SD3
+    transformer when `flow`), from its config alone (built on the meta device: no weights read)."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    hub = {"revision": args.revision, "cache_dir": args.cache_dir}
+    if flow:  # sd3_family refuses --unet: always the pipeline's transformer
+        cls, what = SD3Transformer2DModel, "transformer"
+        config = cls.load_config(args.pretrained_model_name_or_path, subfolder="transformer", **hub)
     else:
-        config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
+        cls, what = UNet2DConditionModel, "UNet"
+        if args.unet:
+            config = cls.load_config(args.unet, cache_dir=args.cache_dir)
+        else:
+            config = cls.load_config(args.pretrained_model_name_or_path, subfolder="unet", **hub)
     with torch.device("meta"):
-        arch = UNet2DConditionModel.from_config(config)
+        arch = cls.from_config(config)
     unmatched = [t for t, n in lora_targets_matched(arch, lora_target_list(args)).items() if n == 0]
     if unmatched:
-        raise UserError(f"--lora_target_modules: {', '.join(unmatched)} names no module of the UNet "
+        raise UserError(f"--lora_target_modules: {', '.join(unmatched)} names no module of the {what} "
                         f"(e.g. {', '.join(LORA_TARGET_MODULES)})")
 
 

@@ -77,8 +77,15 @@ def lora_targets_matched(model, targets):
     return {t: sum(name == t or name.endswith("." + t) for name in names) for t in targets}
 
 
+# What each denoiser's LoRA checkpoint is written with: the pipeline class whose
+# `save_lora_weights` / `load_lora_weights` pair reads it, and whether peft's keys are
+# converted to diffusers' layout first. diffusers' SD3 LoRA example
+# (examples/dreambooth/train_dreambooth_lora_sd3.py) saves peft's state dict unconverted.
+LORA_SAVERS = {"unet": ("StableDiffusionPipeline", True), "transformer": ("StableDiffusion3Pipeline", False)}
+
+
 class LoRAFineTune:
-    """LoRA adapters on one base UNet (docs/design.md, "Model families").
+    """LoRA adapters on one base UNet or SD3 transformer (docs/design.md, "Model families").
 
     - the trainable adapter `policy` (peft's default init: B = 0, so at step 0 the model equals
       the base);
@@ -93,8 +100,11 @@ class LoRAFineTune:
     weights_dir, ema_dir = "lora", "lora_ema"
 
     def __init__(self, *, base, rank, alpha=None, target_modules=LORA_TARGET_MODULES, lagging=False, save_merged=False,
-                 seed=0):
+                 seed=0, component="unet"):
         from peft import LoraConfig
+        if component not in LORA_SAVERS:
+            raise ValueError(f"LoRA: component must be one of {sorted(LORA_SAVERS)}, got {component!r}")
+        self.component = component  # the pipeline attribute the adapters load into: unet or transformer
         self.trainable = base
         self.save_merged = save_merged
         base.requires_grad_(False)  # only the adapters train (peft leaves the base's flags as they were)
@@ -166,20 +176,21 @@ class LoRAFineTune:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         state = get_peft_model_state_dict(self.trainable, state_dict=values, adapter_name=TRAIN_ADAPTER)
-        return convert_state_dict_to_diffusers(state)
+        return convert_state_dict_to_diffusers(state) if LORA_SAVERS[self.component][1] else state
 
     def save_weights(self, path, *, weights, ema_shadows=None):
         """LoRA weights at `path` in the layout `pipe.load_lora_weights(path)` reads; `weights`
         is the full state dict, the EMA values replace the adapter's when given."""
-        from diffusers import StableDiffusionPipeline
+        import diffusers
         values = {n: weights[n] for n, _ in self._named}
         if ema_shadows is not None:
             values = mix_into(values, ema_shadows)
         layers = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_layers(values).items()}
-        # The SD1.5 and SDXL loaders read the same file (unet.* keys); the metadata carries
-        # lora_alpha, which cannot be inferred from the shapes.
-        StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers,
-                                                  unet_lora_adapter_metadata=self.config.to_dict())
+        # The SD1.5 and SDXL loaders read the same file (unet.* keys), SD3's transformer.* keys;
+        # the metadata carries lora_alpha, which cannot be inferred from the shapes.
+        pipeline = getattr(diffusers, LORA_SAVERS[self.component][0])
+        pipeline.save_lora_weights(path, **{f"{self.component}_lora_layers": layers,
+                                            f"{self.component}_lora_adapter_metadata": self.config.to_dict()})
 
     @torch.no_grad()
     def merged_state_dict(self, weights, ema_shadows=None):
