@@ -38,7 +38,8 @@ from rpo.training.latents import encode_moments
 from rpo.training.parametrisation import LORA_TARGET_MODULES, FullFineTune, LoRAFineTune, lora_targets_matched
 from rpo.training.speed import speed_up, unets_of
 from rpo.training.state import TrainState, check_resume, load_checkpoint, read_trainer, save_checkpoint
-from rpo.training.steps import SFT_STAT_KEYS, Refiller, RolloutSettings, dro_micro_step, sft_micro_step, truncation_applies
+from rpo.training.steps import (SFT_STAT_KEYS, Refiller, RolloutSettings, dro_micro_step, resample_micro_step,
+                                sft_micro_step, truncation_applies)
 from rpo.training.plots import append_history, truncate_history, write_plots
 from rpo.training.validation import SCORE_CHOICES, ValidationSettings, Validator, trackers_of
 
@@ -122,6 +123,10 @@ def build_parser():
     flag(p, "hinge", True, "hinge ranking loss; --no-hinge: its smooth logistic counterpart")
     a("--margin", type=float, default=0.001)
     # replay buffer
+    a("--buffer_mode", choices=["replay", "resample"], default="replay",
+      help="replay: the paper's replay buffer of stored trajectories; resample: no buffer, each micro-step rolls the "
+           "policy out to a fresh x0 and noises expert and policy x0 with one shared noise at a logit-normal sigma "
+           "(SD3 only; rpo/training/steps.py resample_micro_step)")
     a("--buffer_size", type=int, default=4, help="trajectories kept per process (newest win)")
     a("--buffer_scheduler", choices=SCHEDULERS, default="DPMSolver++", help="rollout sampler")
     a("--buffer_batch_size", type=int, default=4, help="prompts per rollout batch")
@@ -207,6 +212,9 @@ def check_args(args):
         raise UserError("--lora_target_modules names no module")
     if args.objective == "sft" and args.reference_unet:
         raise UserError("--reference_unet does not apply to --objective sft: the SFT loss has no reference model")
+    if args.buffer_mode == "resample" and (args.objective == "sft" or args.truncate_rollouts or args.buffer_sync):
+        raise UserError("--buffer_mode resample keeps no buffer: it does not combine with --objective sft, "
+                        "--truncate_rollouts or --buffer_sync")
     if args.score and not args.validation_steps:
         raise UserError("--score needs --validation_steps N > 0 (the score is computed at each validation)")
     trackers_of(args.report_to)  # an unknown or uninstalled tracker fails now, not after the weights load
@@ -232,6 +240,8 @@ def main():
     check_unet_path(args.unet, what="--unet")
     check_unet_path(args.reference_unet, what="--reference_unet")
     flow = sd3_family(args)  # SD3 / SD3.5 flow matching; its unsupported options refused here
+    if args.buffer_mode == "resample" and not flow:  # its σ draw is the flow family's (FlowMatchFamily.training_timesteps)
+        raise UserError("--buffer_mode resample is implemented for --model_family sd3 only")
     if flow:
         schedule = read_flow_schedule(args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir)
     else:
@@ -292,7 +302,7 @@ def main():
             return load_unet(path, None, None, dtype, what=what, cache_dir=args.cache_dir)
         return load_unet(source, "unet", args.variant, dtype, what=what, **hub)
     unet = load(args.unet, train_dtype, "trainable UNet (--unet)").to(device)
-    sft, lora = args.objective == "sft", bool(args.lora_rank)
+    sft, lora, resample = args.objective == "sft", bool(args.lora_rank), args.buffer_mode == "resample"
     # LoRA's reference is the base with adapters disabled; SFT has no reference
     reference = None if sft or lora else load(args.reference_unet, weight_dtype, "reference UNet").requires_grad_(False).to(device)
     unet.train()
@@ -348,14 +358,14 @@ def main():
     if args.cache_latents:  # before the loader: it then skips decoding pixels
         moments = encode_moments(vae, experts, device, weight_dtype)
         experts.load_pixels = False
-    batches = ExpertBatches(len(experts), args.batch_size if sft else args.buffer_batch_size, args.seed, rank, world, start=state.expert_batches_used)
+    batches = ExpertBatches(len(experts), args.batch_size if sft or resample else args.buffer_batch_size, args.seed, rank, world, start=state.expert_batches_used)
     loader = iter(torch.utils.data.DataLoader(experts, batch_sampler=batches, num_workers=args.dataloader_num_workers,
                                               pin_memory=device.type == "cuda", persistent_workers=False))
     speed_up(unets_of(params), compile=args.compile, channels_last=args.channels_last)
     exact, why = truncation_applies(buffer_size=args.buffer_size, sample_steps=args.buffer_sample_steps,
                                     pair_batch_size=args.batch_size, rollout_batch_size=args.buffer_batch_size,
                                     batches_per_refill=args.buffer_batch_accumulation, sync=args.buffer_sync, world=world)
-    truncate = exact and args.truncate_rollouts is not False
+    truncate = exact and args.truncate_rollouts is not False and not resample
     if args.truncate_rollouts and not exact:
         accelerator.print(f"--truncate_rollouts: rollouts stay whole, truncation would not be exact: {why}")
     refiller = Refiller(batches=loader, text=text, vae=vae, family=family, accelerator=accelerator, weight_dtype=weight_dtype,
@@ -404,6 +414,10 @@ def main():
             running += sft_micro_step(accelerator=accelerator, model=model, params=params, family=family, refiller=refiller,
                                       state=state, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                       max_grad_norm=args.max_grad_norm)
+        elif resample:
+            running += resample_micro_step(accelerator=accelerator, model=model, params=params, family=family,
+                                           refiller=refiller, state=state, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           margin=args.margin, hinge=args.hinge, max_grad_norm=args.max_grad_norm)
         else:
             if len(state.buffer) == 0 or step % args.buffer_sample_steps == 0:
                 refiller.refill(model=params.rollout_model, state=state)

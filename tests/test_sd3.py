@@ -383,3 +383,103 @@ def test_sd3_lora_resume_and_stock_pipeline_load_lora_weights(sd3kit, tmp_path):
     got = np.asarray(Image.open(folder / "4.png"), dtype=int)
     assert np.abs(generate() - got).max() <= 1
     assert np.abs(base - got).max() > 1  # the adapters change the image: the check can fail
+
+
+def test_resample_sigma_is_logit_normal_then_shifted():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from rpo.diffusion.flow import FlowMatchFamily
+    family = FlowMatchFamily(dict(FlowMatchEulerDiscreteScheduler(shift=SHIFT).config))
+    t = family.training_timesteps(20000, generator=torch.Generator().manual_seed(0)).double()
+    shifted = t / 1000
+    sigma = shifted / (SHIFT - (SHIFT - 1) * shifted)  # undo SD3's shift s·σ / (1 + (s − 1)σ)
+    u = torch.log(sigma / (1 - sigma))
+    # N(0, 1): the standard errors of mean and std over 20000 draws are ~0.007 and ~0.005
+    assert abs(u.mean().item()) < 0.03 and abs(u.std().item() - 1) < 0.03, (u.mean(), u.std())
+    assert 0 < shifted.min() and shifted.max() < 1
+    assert (shifted > 0.5).double().mean() > 0.7  # the shift moves the median sigma 0.5 up to 0.75
+    # the draws are the generator's N(0, 1) (float64), through sigmoid and the shift
+    u0 = torch.randn((20000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = 1000 * SHIFT * torch.sigmoid(u0) / (1 + (SHIFT - 1) * torch.sigmoid(u0))
+    assert torch.allclose(t, want.float().double(), atol=0, rtol=0)
+
+
+def test_resample_micro_step_loss_recomputed_by_hand(sd3kit):
+    """--buffer_mode resample: the trainer's loss equals the ranking loss written out from the
+    drawn σ, ε, the expert x0 and the policy rollout's end x0 (shared ε and σ per pair,
+    velocity targets ε − x0 of each half)."""
+    from diffusers.optimization import get_scheduler
+    from rpo.models_sd3 import load_transformer
+    from rpo.training.parametrisation import FullFineTune
+    from rpo.training.steps import resample_micro_step
+    b = build_refill(sd3kit)
+    model, family, refiller, state = b["model"].train(), b["family"], b["refiller"], b["state"]
+    reference = load_transformer(sd3kit["sd3"]).requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():  # off the reference: a loss away from the hinge's kink
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    params = FullFineTune(trainable=model, reference=reference)
+    seen = {}
+    roll, draw = refiller.roll, family.training_timesteps
+
+    def recording_roll(*a, **k):
+        seen["fields"] = roll(*a, **k)
+        seen["dev"] = state.dev_gen.get_state()  # ε is the next device draw
+        return seen["fields"]
+
+    def recording_draw(*a, **k):
+        seen["t"] = draw(*a, **k)
+        return seen["t"]
+    refiller.roll, family.training_timesteps = recording_roll, recording_draw
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    margin = 0.05
+    stats = resample_micro_step(accelerator=b["acc"], model=model, params=params, family=family, refiller=refiller,
+                                state=state, optimizer=optimizer, lr_scheduler=get_scheduler("constant", optimizer),
+                                margin=margin, hinge=True, max_grad_norm=1.0)
+    assert len(state.buffer) == 0  # nothing is stored
+    f, t = seen["fields"], seen["t"]
+    x0_e = f["x0"]
+    # the policy x0 is the end of its Euler rollout: x_T-1 + (0 − σ_T-1) v_T-1
+    x0_p = f["x_t"][:, -1] + (0 - f["t"][:, -1].float() / 1000).view(-1, 1, 1, 1) * f["eps"][:, -1]
+    assert torch.allclose(f["x_final"], x0_p, atol=1e-5)
+    eps = torch.randn(x0_e.shape, generator=torch.Generator().set_state(seen["dev"]))
+    assert t.dtype == torch.float32 and (t != t.round()).all()  # continuous sigma, one per pair
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    x_e, x_p = (1 - sigma) * x0_e + sigma * eps, (1 - sigma) * x0_p + sigma * eps
+
+    def err(m, x, target):
+        out = m(hidden_states=x, timestep=t, encoder_hidden_states=f["prompt_embeds"],
+                pooled_projections=f["pooled_embeds"]).sample
+        return ((out.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
+    # the micro-step updated the model: recompute with a fresh copy at the pre-step weights
+    trained_before = load_transformer(sd3kit["sd3"])
+    with torch.no_grad():
+        for p in trained_before.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        l_e, l_p = err(trained_before, x_e, eps - x0_e), err(trained_before, x_p, eps - x0_p)
+        r_e, r_p = err(reference, x_e, eps - x0_e), err(reference, x_p, eps - x0_p)
+    want = torch.clamp((l_e - r_e) - (l_p - r_p) + margin, min=0).mean()
+    assert want > 0
+    assert torch.allclose(stats[0], want, atol=1e-6, rtol=1e-5), (stats[0], want)
+
+
+def test_resample_refused_on_unet_models_in_one_line(kit, tmp_path):
+    proc = run(train_cmd({"experts": kit["experts"]}, tmp_path / "a", "--buffer_mode", "resample",
+                         pipeline=kit["sd15"]), ok=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--buffer_mode resample is implemented for --model_family sd3 only" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sd3_resample_trains_and_resumes_exactly(sd3kit, tmp_path):
+    common = ("--buffer_mode", "resample", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4",
+              "--buffer_update_steps", "4", "--learning_rate", "1e-3", "--checkpoints_total_limit", "2")
+    run(train_cmd(sd3kit, tmp_path / "straight", "--num_steps", "8", *common))
+    run(train_cmd(sd3kit, tmp_path / "split", "--num_steps", "4", *common))
+    proc = run(train_cmd(sd3kit, tmp_path / "split", "--num_steps", "8", "--resume", "latest", *common))
+    assert "resumed from" in proc.stdout + proc.stderr
+    for sub in ("unet", "ema"):
+        a = load_file(tmp_path / "straight" / "ckpt-8" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(tmp_path / "split" / "ckpt-8" / sub / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+    before = load_file(os.path.join(sd3kit["sd3"], "transformer", "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(before[k], a[k]) for k in before)

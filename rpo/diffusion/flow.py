@@ -208,6 +208,15 @@ class FlowMatchFamily:
         return {"prompt_embeds": torch.cat([sample["prompt_embeds"]] * repeat),
                 "pooled_projections": torch.cat([sample["pooled_embeds"]] * repeat)}
 
+    def training_timesteps(self, batch_size, generator=None, device="cpu"):
+        """(batch_size,) float timesteps t = N σ' for `--buffer_mode resample`: σ logit-normal
+        (σ = sigmoid(u), u ~ N(0, 1), drawn from `generator`, float64 on the CPU), then SD3's
+        shift. Continuous, not the integer grid: nothing is stored in a buffer, and the
+        transformer takes any float timestep (the SD3 pipeline passes σ·1000)."""
+        u = torch.randn((batch_size,), generator=generator, dtype=torch.float64)
+        sigma = shift_sigmas(torch.sigmoid(u), self.shift)
+        return (sigma * self.num_train_timesteps).to(device, torch.float32)
+
     # --- what the Refiller asks of a family (rpo/training/steps.py)
     def rollout_timesteps(self, num_steps, batch_size, perturb, generator=None, device="cpu"):
         return flow_timesteps(self.config, num_steps, batch_size, perturb, generator=generator, device=device)

@@ -158,9 +158,10 @@ class Refiller:
         """One rollout batch: the buffer fields of its trajectories."""
         return self.roll(model, batch, self.conditioning(batch, state), state)
 
-    def roll(self, model, batch, cond_and_grid, state, stop=None):
+    def roll(self, model, batch, cond_and_grid, state, stop=None, final=False):
         """The `dev_gen` part of a rollout batch: x0, x_T, the rollout (whole, or with `stop`
-        truncated: then t, x_t, eps hold each row's one recorded step)."""
+        truncated: then t, x_t, eps hold each row's one recorded step); with `final` also the
+        rollout's end sample `x_final` (the policy's x0, `resample_micro_step`)."""
         s, device, gen = self.settings, self.device, state.dev_gen
         embeds, pooled, grid = cond_and_grid
         b = len(batch["caption"])
@@ -189,7 +190,10 @@ class Refiller:
                 traj = truncated_rollout(model, self.sampler, x_T, grid, embeds, stop, s.guidance_scale, neg, cond,
                                          neg_cond, generator=gen)
                 self.unet_rows += traj.unet_rows
-        return dict(prompt_embeds=embeds, x0=x0, t=traj.t, x_t=traj.x_t, eps=traj.eps, **extras)
+        out = dict(prompt_embeds=embeds, x0=x0, t=traj.t, x_t=traj.x_t, eps=traj.eps, **extras)
+        if final:
+            out["x_final"] = traj.x_final
+        return out
 
 
 def backward_and_step(*, accelerator, loss, params, optimizer, lr_scheduler, max_grad_norm):
@@ -213,6 +217,34 @@ def dro_micro_step(*, accelerator, model, params, family, state, batch_size, opt
     with accelerator.accumulate(model):
         loss, stats = dro_loss(model=model, reference=params.reference, family=family, sample=sample,
                                eps_expert=eps_expert, margin=margin, hinge=hinge, autocast=accelerator.autocast)
+        backward_and_step(accelerator=accelerator, loss=loss, params=params, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
+    return torch.stack([stats[k] for k in STAT_KEYS])
+
+
+def resample_micro_step(*, accelerator, model, params, family, refiller, state, optimizer, lr_scheduler,
+                        margin, hinge, max_grad_norm):
+    """`--buffer_mode resample` (RealAlign's buffer-less scheme): the next expert batch (the
+    loader's batch size, `--batch_size`), each rolled out once by the current rollout model (`--buffer_num_inference_steps`
+    steps) to a policy x0; both halves of a pair are noised with one shared ε at one σ per
+    pair (`family.training_timesteps`), the targets are the family's (for flow matching the
+    velocities ε − x0 of each half's own x0), then the same ranking loss and step as
+    `dro_micro_step`. Draws: `cpu_gen` the caption drops, the rollout grid and σ; `dev_gen`
+    the expert x0, x_T, then ε."""
+    batch = next_batch(refiller.batches)
+    state.expert_batches_used += 1
+    fields = refiller.roll(params.rollout_model, batch, refiller.conditioning(batch, state), state, final=True)
+    x0 = fields["x0"]
+    t = family.training_timesteps(x0.shape[0], generator=state.cpu_gen, device=accelerator.device)
+    eps = torch.randn(x0.shape, generator=state.dev_gen, device=accelerator.device)
+    policy_x0 = fields["x_final"].float()
+    sample = {k: v for k, v in fields.items() if k not in ("t", "x_t", "eps", "x_final")}
+    # dro_loss's policy half is (x_t, eps) = its input and target: here the policy's own x0
+    # noised with the expert's ε at the expert's σ, and that x0's target
+    sample.update(t=t, x_t=family.add_noise(policy_x0, eps, t), eps=family.target(policy_x0, eps, t))
+    with accelerator.accumulate(model):
+        loss, stats = dro_loss(model=model, reference=params.reference, family=family, sample=sample,
+                               eps_expert=eps, margin=margin, hinge=hinge, autocast=accelerator.autocast)
         backward_and_step(accelerator=accelerator, loss=loss, params=params, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
     return torch.stack([stats[k] for k in STAT_KEYS])
