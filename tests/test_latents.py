@@ -1,4 +1,5 @@
 
+import pytest
 import torch
 from diffusers import AutoencoderKL
 
@@ -27,6 +28,7 @@ def test_cached_moments_sample_like_fresh_encoding(kit):
     torch.testing.assert_close(many.std(0), fresh.std, rtol=0.15, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_with_cached_latents_matches_fresh_encoding(kit, tmp_path):
     # same RNG stream either way: the weights after two updates agree up to VAE batch rounding
     common = ("--num_steps", "2", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "2",

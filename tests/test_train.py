@@ -78,6 +78,7 @@ def test_ckpt_ema_loads_as_unet_and_limit_keeps_newest_state(kit, tmp_path):
     assert (tmp_path / "training_config.json").exists()
 
 
+@pytest.mark.slow
 def test_gradient_clipping_reaches_the_weights(kit, tmp_path):
     # AdamW is scale invariant except for eps: clipping the gradient norm to 1e-12 makes the
     # update ~lr * g / eps, orders of magnitude smaller than the unclipped ~lr. The public
@@ -204,6 +205,7 @@ def test_public_flag_spellings_parse(monkeypatch):
     assert parser.parse_args(["--no-buffer_sync", "--no-hinge"]).hinge is False
 
 
+@pytest.mark.slow
 def test_config_file_for_train(kit, tmp_path):
     import json
     (tmp_path / "good.yaml").write_text("resolution: 48\nbuffer_scheduler: DDIM\nnum_steps: 2\n")
