@@ -11,6 +11,9 @@ latent size: reference forward, trainable forward + backward, AdamW step. The ex
 the static bytes is the activations' share at that latent size.
 Part 3 (always): SD1.5 and SDXL, full fine-tuning and LoRA (rank 4 on diffusers' default
 targets, the adapter counted by adding it with peft to the meta-device UNet), bf16 default.
+Part 5 (always): SD3.5 Medium, full fine-tuning and LoRA (rank 4 on the same targets): the
+transformer built on the meta device from SD35M_TRANSFORMER, the text encoders from their
+configs, in the default bf16 mode.
 Part 4 (--measure_sdxl_lora): the same micro-step for the full-size SDXL UNet (2.567 B
 parameters, random weights) with a rank-4 LoRA: one bf16 UNet, the reference being the base
 with adapters disabled.
@@ -48,6 +51,20 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
 # the second text encoder of SDXL (OpenCLIP ViT-bigG/14 text tower, text_encoder_2/config.json)
 SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                    max_position_embeddings=77, vocab_size=49408, projection_dim=1280, hidden_act="gelu")
+
+
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json (the architecture keys); every
+# key is an SD3Transformer2DModel.__init__ argument (diffusers 0.42.1). Layers 0..12 of 24 are
+# MMDiT-X blocks with a second self-attention (dual_attention_layers).
+SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                         pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                         dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# SD3's VAE: SD1.5's layout with 16 latent channels and no quant convs (vae/config.json)
+SD3_VAE = dict(SD15_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+# text_encoder_3: the encoder of google/t5-v1_1-xxl (text_encoder_3/config.json)
+T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+              feed_forward_proj="gated-gelu")
 
 
 def count(module_fn):
@@ -104,6 +121,36 @@ def family_table(rank=4):
                 rows = (2 * unet + 2 * adapter, 2 * adapter, 4 * adapter, 0)
             out.append((f"{model} {kind}", unet, adapter, [b / GiB for b in (*rows, 2 * frozen)]))
     return out
+
+
+def sd3_table(rank=4):
+    """SD3.5 Medium rows as `family_table`'s, plus the parameter counts of the parts. The
+    text encoders (CLIP-L, CLIP-G, T5-XXL) sit on the GPU only while train.py encodes the
+    expert captions at start-up, before the transformer loads; they are then freed unless
+    --validation_steps keeps them for the validation pipeline (rpo/models_sd3.py)."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from rpo.training.parametrisation import LORA_TARGET_MODULES
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**SD35M_TRANSFORMER)
+        params = sum(p.numel() for p in model.parameters())
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGET_MODULES),
+                                     init_lora_weights=True), adapter_name="policy")
+        adapter = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    parts = {"CLIP-L": count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SD15_TEXT, projection_dim=768))),
+             "CLIP-G": count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))),
+             "T5-XXL encoder": count(lambda: T5EncoderModel(T5Config(**T5_XXL))),
+             "VAE": count(lambda: AutoencoderKL(**SD3_VAE))}
+    text = parts["CLIP-L"] + parts["CLIP-G"] + parts["T5-XXL encoder"]
+    rows = []
+    for kind in ("full", f"LoRA r{rank}"):
+        if kind == "full":  # trainable, grads, AdamW m+v, reference
+            static = (2 * params, 2 * params, 4 * params, 2 * params)
+        else:  # base (also the reference), adapter, its grads, its AdamW m+v
+            static = (2 * params + 2 * adapter, 2 * adapter, 4 * adapter, 0)
+        rows.append((f"SD3.5-M {kind}", [b / GiB for b in (*static, 2 * parts["VAE"], 2 * text)]))
+    return params, adapter, parts, rows
 
 
 def max_rss_gib():
@@ -190,6 +237,16 @@ def main():
         print(f"| {name} | {unet_n / 1e6:.1f} M | {adapter_n / 1e6:.2f} M | " + " | ".join(f"{b:.2f}" for b in rows)
               + f" | {sum(rows):.2f} |")
     print("(bf16, GiB per GPU, rpo's default layout: shared rollout model, EMA offloaded; activations come on top)")
+    params, adapter, parts, rows = sd3_table(args.rank)
+    print(f"\nSD3.5 Medium: transformer {params / 1e6:.1f} M, LoRA r{args.rank} {adapter / 1e6:.2f} M, "
+          + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in parts.items()))
+    print("| model | weights (+ adapter) | grads | AdamW | reference | VAE | total, encoders freed | "
+          "text encoders (kept with --validation_steps) | total, encoders kept |")
+    for name, r in rows:
+        print(f"| {name} | " + " | ".join(f"{b:.2f}" for b in r[:5]) + f" | {sum(r[:5]):.2f} | {r[5]:.2f} | "
+              f"{sum(r):.2f} |")
+    print(f"(bf16, GiB per GPU; at start-up the encoders alone ({rows[0][1][5]:.2f}) are on the GPU while the "
+          "captions are encoded, before the transformer loads; activations come on top)")
     if args.measure_sdxl_lora:
         base, peak, seconds, adapter_n = measure_sdxl_lora(args.latent, args.pairs, args.rank)
         print(f"\nmeasured: SDXL UNet + LoRA r{args.rank} ({adapter_n / 1e6:.2f} M adapter parameters), CPU, bf16, "
