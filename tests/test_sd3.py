@@ -470,16 +470,23 @@ def test_resample_refused_on_unet_models_in_one_line(kit, tmp_path):
 
 
 @pytest.mark.slow
-def test_sd3_resample_trains_and_resumes_exactly(sd3kit, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sd3_resample_trains_and_resumes_exactly(sd3kit, tmp_path, lora):
     common = ("--buffer_mode", "resample", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4",
-              "--buffer_update_steps", "4", "--learning_rate", "1e-3", "--checkpoints_total_limit", "2")
+              "--buffer_update_steps", "4", "--learning_rate", "1e-3", "--checkpoints_total_limit", "2",
+              *(("--lora_rank", "4") if lora else ()))
     run(train_cmd(sd3kit, tmp_path / "straight", "--num_steps", "8", *common))
     run(train_cmd(sd3kit, tmp_path / "split", "--num_steps", "4", *common))
     proc = run(train_cmd(sd3kit, tmp_path / "split", "--num_steps", "8", "--resume", "latest", *common))
     assert "resumed from" in proc.stdout + proc.stderr
-    for sub in ("unet", "ema"):
-        a = load_file(tmp_path / "straight" / "ckpt-8" / sub / "diffusion_pytorch_model.safetensors")
-        b = load_file(tmp_path / "split" / "ckpt-8" / sub / "diffusion_pytorch_model.safetensors")
+    files = ({"lora": "lora/pytorch_lora_weights.safetensors", "lora_ema": "lora_ema/pytorch_lora_weights.safetensors"}
+             if lora else {"unet": "unet/diffusion_pytorch_model.safetensors", "ema": "ema/diffusion_pytorch_model.safetensors"})
+    for sub, name in files.items():
+        a = load_file(tmp_path / "straight" / "ckpt-8" / name)
+        b = load_file(tmp_path / "split" / "ckpt-8" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
-    before = load_file(os.path.join(sd3kit["sd3"], "transformer", "diffusion_pytorch_model.safetensors"))
-    assert any(not torch.equal(before[k], a[k]) for k in before)
+    if lora:  # the adapters moved off their start (B = 0)
+        assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k or "lora_up" in k)
+    else:
+        before = load_file(os.path.join(sd3kit["sd3"], "transformer", "diffusion_pytorch_model.safetensors"))
+        assert any(not torch.equal(before[k], a[k]) for k in before)
