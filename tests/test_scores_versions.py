@@ -61,3 +61,15 @@ def test_mis_shaped_weights_are_one_line(scorer_weights, tmp_path):
 
 def test_aesthetic_v1_head_is_pinned():
     assert HEADS["aestheticv1"].sha256 == "2cd4e60f4f24ae3bcd57b847b13c1f3ba27edc28cc1a7f9ce74ee9f421243cba"
+
+
+def test_version_is_the_same_in_another_process(scorer_weights):
+    """The key must not depend on the process (a function's repr holds its memory address):
+    two fresh interpreters give the same version for every metric."""
+    import subprocess
+    import sys
+    code = ("import sys; from rpo.scores import load_scorer, METRICS; "
+            "print(' '.join(load_scorer(m, weights_dir=sys.argv[1]).version for m in METRICS))")
+    runs = [subprocess.run([sys.executable, "-c", code, scorer_weights], capture_output=True, text=True, check=True,
+                           cwd=base.__file__.rsplit("/rpo/", 1)[0]).stdout for _ in range(2)]
+    assert runs[0] == runs[1] and len(runs[0].split()) == 6

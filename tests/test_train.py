@@ -165,7 +165,7 @@ def test_every_score_choice_validates(kit, tmp_path, scorer_weights, metric):
                          "--checkpointing_steps", "1", "--buffer_update_steps", "1", "--validation_steps", "1",
                          "--validation_num_inference_steps", "2", "--validation_scheduler", "DDIM",
                          "--score", metric, "--weights_dir", scorer_weights))
-    assert re.search(rf"step 1: metrics/{metric} = -?\d+\.\d+", proc.stdout), proc.stdout[-2000:]
+    assert re.search(rf"validated step 1: .*metrics/{metric} = -?\d+\.\d+", proc.stdout), proc.stdout[-2000:]
     assert (tmp_path / "images" / "step-1.png").exists()
 
 

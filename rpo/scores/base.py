@@ -10,6 +10,7 @@ folder to put it in, never a stack trace or a minutes-long retry loop (set
 import hashlib
 import json
 import os
+import re
 import urllib.request
 
 import torch
@@ -73,7 +74,7 @@ def describe(obj):
     if backend is not None:
         return backend.to_str()
     if not (hasattr(obj, "get_vocab") or hasattr(obj, "encoder")):
-        return repr(obj)
+        return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))  # a function's repr holds its address: not stable
     parts = [repr(sorted(table.items(), key=repr)) for table in
              (getattr(obj, name, None) for name in ("encoder", "vocab", "bpe_ranks")) if isinstance(table, dict)]
     settings = {k: v for k, v in getattr(obj, "init_kwargs", {}).items()
