@@ -7,7 +7,7 @@ images kept in memory, nothing written. Same pipeline, same batches, same sample
 run in back-to-back pairs (alternating which goes first) in one process, and the median of
 the per-pair ratios is reported.
 
-    .venv/bin/python bench/inference.py [--kit DIR] [--device cuda] [--threads 1] [--batch_size 4]
+    .venv/bin/python bench/generation.py [--kit DIR] [--device cuda] [--threads 1] [--batch_size 4]
 """
 import argparse
 import os

@@ -9,7 +9,7 @@ scorers (the tiny kit, all six metrics), same batch size; the variants alternate
 process and the median of the repeats is reported. Images are 512x512 PNGs with noise, the
 size and entropy of Stable Diffusion outputs.
 
-    .venv/bin/python bench/score.py [--weights_dir DIR] [--images 96] [--batch_size 32] \\
+    .venv/bin/python bench/scoring.py [--weights_dir DIR] [--images 96] [--batch_size 32] \\
         [--num_workers 2] [--threads 1] [--repeats 3] [--device cpu]
 """
 import argparse
