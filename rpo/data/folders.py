@@ -57,6 +57,14 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def scorer_input(image):
+    """What a scorer's transform receives: 16-bit images scaled to 8-bit RGB (`to_rgb`; the
+    official packages would clip them), every other mode as decoded, because each metric's
+    own transform converts it as its official package does (ImageReward resizes a palette
+    image before converting it to RGB, so converting first would change its score)."""
+    return to_rgb(image) if image.mode in SIXTEEN_BIT_MODES else image
+
+
 def list_images(folder):
     """Every image file directly inside `folder`, sorted by name."""
     return sorted(

@@ -10,14 +10,14 @@ import io
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from rpo.data.folders import to_rgb
+from rpo.data.folders import scorer_input
 
 
 def decode_image(source):
-    """A fully decoded RGB image from encoded bytes or a file path."""
+    """A fully decoded image from encoded bytes or a file path (`scorer_input`)."""
     with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as image:
         image.load()  # decode now: a truncated file fails here, not later
-        return to_rgb(image)  # 16-bit scaled, not clipped; alpha over white
+        return scorer_input(image)  # 16-bit scaled, not clipped; other modes as the official code sees them
 
 
 class _Decoded(torch.utils.data.Dataset):

@@ -12,7 +12,7 @@ import io
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from rpo.data.folders import to_rgb
+from rpo.data.folders import scorer_input
 from rpo.scores.folders import image_key
 
 
@@ -41,7 +41,7 @@ class ImageScoringDataset(torch.utils.data.Dataset):
             if needed:
                 image = Image.open(io.BytesIO(data))
                 image.load()  # decode fully here, so a truncated file fails now, by path
-                image = to_rgb(image)  # every metric sees the same 8-bit RGB (16-bit scaled, not clipped)
+                image = scorer_input(image)  # 16-bit scaled, not clipped; other modes as the official code sees them
                 done = {}
                 for m in needed:
                     if self.same_as[m] not in done:
