@@ -208,18 +208,27 @@ def backward_and_step(*, accelerator, loss, params, optimizer, lr_scheduler, max
     optimizer.zero_grad(set_to_none=True)
 
 
-def dro_micro_step(*, accelerator, model, params, family, state, batch_size, optimizer, lr_scheduler,
-                   margin, hinge, max_grad_norm):
-    """Sample `batch_size` (expert, policy) pairs at shared timesteps, one ranking-loss
-    backward; at the end of an accumulation, clip and step. Returns the STAT_KEYS values."""
-    sample = state.buffer.sample(batch_size, generator=state.cpu_gen)
-    eps_expert = torch.randn(sample["x0"].shape, generator=state.dev_gen, device=accelerator.device)
+def ranking_step(*, accelerator, model, params, family, sample, eps_expert, optimizer, lr_scheduler, margin, hinge,
+                 max_grad_norm):
+    """One ranking-loss backward on `sample` (inside the accumulation) and, at its end, the
+    step; returns the STAT_KEYS values. Shared by the replay and the resample modes."""
     with accelerator.accumulate(model):
         loss, stats = dro_loss(model=model, reference=params.reference, family=family, sample=sample,
                                eps_expert=eps_expert, margin=margin, hinge=hinge, autocast=accelerator.autocast)
         backward_and_step(accelerator=accelerator, loss=loss, params=params, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
     return torch.stack([stats[k] for k in STAT_KEYS])
+
+
+def dro_micro_step(*, accelerator, model, params, family, state, batch_size, optimizer, lr_scheduler,
+                   margin, hinge, max_grad_norm):
+    """Sample `batch_size` (expert, policy) pairs at shared timesteps, one ranking-loss
+    backward; at the end of an accumulation, clip and step. Returns the STAT_KEYS values."""
+    sample = state.buffer.sample(batch_size, generator=state.cpu_gen)
+    eps_expert = torch.randn(sample["x0"].shape, generator=state.dev_gen, device=accelerator.device)
+    return ranking_step(accelerator=accelerator, model=model, params=params, family=family, sample=sample,
+                        eps_expert=eps_expert, optimizer=optimizer, lr_scheduler=lr_scheduler, margin=margin, hinge=hinge,
+                        max_grad_norm=max_grad_norm)
 
 
 def resample_micro_step(*, accelerator, model, params, family, refiller, state, optimizer, lr_scheduler,
@@ -242,12 +251,9 @@ def resample_micro_step(*, accelerator, model, params, family, refiller, state, 
     # dro_loss's policy half is (x_t, eps) = its input and target: here the policy's own x0
     # noised with the expert's ε at the expert's σ, and that x0's target
     sample.update(t=t, x_t=family.add_noise(policy_x0, eps, t), eps=family.target(policy_x0, eps, t))
-    with accelerator.accumulate(model):
-        loss, stats = dro_loss(model=model, reference=params.reference, family=family, sample=sample,
-                               eps_expert=eps, margin=margin, hinge=hinge, autocast=accelerator.autocast)
-        backward_and_step(accelerator=accelerator, loss=loss, params=params, optimizer=optimizer,
-                          lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm)
-    return torch.stack([stats[k] for k in STAT_KEYS])
+    return ranking_step(accelerator=accelerator, model=model, params=params, family=family, sample=sample,
+                        eps_expert=eps, optimizer=optimizer, lr_scheduler=lr_scheduler, margin=margin, hinge=hinge,
+                        max_grad_norm=max_grad_norm)
 
 
 # What the SFT baseline logs (rpo.diffusion.objective.sft_loss's stats).
