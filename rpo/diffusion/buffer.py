@@ -42,7 +42,6 @@ class ReplayBuffer:
         self.size = int(size)
         self.device = torch.device(device)
         self.data = {}  # name -> tensor (N, ...), N <= size, oldest first
-        self.handed = None  # a pick made ahead by a truncated refill (rpo/training/steps.py); never saved
 
     def __len__(self) -> int:
         return len(self.data["t"]) if self.data else 0
@@ -95,11 +94,6 @@ class ReplayBuffer:
     def sample(self, batch_size: int, generator=None) -> dict:
         """B (trajectory, step) picks: trajectories without replacement when B <= len(self),
         else with replacement; one independent uniform step per pick."""
-        if self.handed is not None:
-            out, self.handed = self.handed, None
-            if len(out["index"]) != batch_size:
-                raise ValueError(f"ReplayBuffer.sample: {batch_size} picks asked, {len(out['index'])} were handed over")
-            return out
         n = len(self)
         if n == 0:
             raise RuntimeError("ReplayBuffer.sample: the buffer is empty; push trajectories first")
@@ -110,12 +104,6 @@ class ReplayBuffer:
         out = {name: v[index, step] if name in PER_STEP else v[index] for name, v in self.data.items()}
         out["index"], out["step"] = index, step
         return out
-
-    def hand_over(self, picks: dict):
-        """Make the next `sample` call return `picks` (a dict shaped like its output) without
-        drawing: a truncated refill has already drawn them with `draw_picks` from the same
-        generator, at the same point of its stream."""
-        self.handed = picks
 
     def clear(self):
         self.data = {}

@@ -217,7 +217,7 @@ class FlowMatchFamily:
         sigma = shift_sigmas(torch.sigmoid(u), self.shift)
         return (sigma * self.num_train_timesteps).to(device, torch.float32)
 
-    # --- what the Refiller asks of a family (rpo/training/steps.py)
+    # --- what rollouts ask of a flow family (rpo/families/sd3.py, rpo/training/rollouts.py)
     def rollout_timesteps(self, num_steps, batch_size, perturb, generator=None, device="cpu"):
         return flow_timesteps(self.config, num_steps, batch_size, perturb, generator=generator, device=device)
 

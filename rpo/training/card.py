@@ -1,8 +1,10 @@
 """The model card `ckpt-N/README.md`: what a checkpoint is and how to load it in diffusers.
 
-`model_card` is a pure function of the run's options, the step and the checkpoint's
-folders, so it can be tested without training; `write_card` is what `save_checkpoint`
-(rpo/training/state.py) calls while the checkpoint is still being assembled.
+`model_card` is a pure function of the run's options, the model family, the step and the
+checkpoint's folders, so it can be tested without training; `write_card` is what
+`save_checkpoint` (rpo/training/state.py) calls while the checkpoint is still being assembled.
+The snippet names the weights by their path relative to the card (it runs from the
+checkpoint folder, wherever the checkpoint was copied or uploaded); the family writes it.
 """
 import os
 
@@ -17,12 +19,10 @@ def method_of(args, folders):
     return "DRO (LoRA)" if lora else "DRO (full fine-tune)"
 
 
-def model_card(args, step, *, checkpoint, folders, world=1):
-    """Markdown for the checkpoint at `checkpoint` (the final path, ckpt-`step`) holding the
-    sub-folders `folders`; `args` is the run's options as a dict, `world` its process count."""
+def model_card(args, step, *, family, name, folders, world=1):
+    """Markdown for the checkpoint `name` (ckpt-`step`) holding the sub-folders `folders`;
+    `args` is the run's options as a dict, `family` its model family, `world` its process count."""
     base = args.get("pretrained_model_name_or_path")
-    sdxl = bool(args.get("sdxl"))
-    pipeline = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
     method = method_of(args, folders)
     batch, accumulation = args.get("batch_size"), args.get("gradient_accumulation_steps")
     effective = batch * accumulation * world if isinstance(batch, int) and isinstance(accumulation, int) else None
@@ -48,29 +48,22 @@ def model_card(args, step, *, checkpoint, folders, world=1):
     if method.startswith("SFT"):  # no ranking loss, no rollouts
         rows = [r for r in rows if r[0] not in ("loss", "replay buffer")]
     if args.get("unet"):
-        rows.insert(1, ("started from UNet", f"`{args['unet']}`"))
+        rows.insert(1, (f"started from {family.denoiser_folder}", f"`{args['unet']}`"))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows if v is not None)
     lora = "lora_ema" if use_ema and "lora_ema" in folders else "lora" if "lora" in folders else None
     weights = "ema" if use_ema and "ema" in folders else "unet"
     if lora is not None:
-        folder = os.path.join(checkpoint, lora)
-        snippet = (f"import torch\nfrom diffusers import {pipeline}\n\n"
-                   f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.float16)\n"
-                   f"pipe.load_lora_weights({folder!r})\n")
+        snippet = family.card_snippet(base, lora, lora=True)
         loads = f"the LoRA adapters in `{lora}/` ({'EMA' if lora == 'lora_ema' else 'raw trained'} weights)"
     else:
-        folder = os.path.join(checkpoint, weights)
-        snippet = (f"import torch\nfrom diffusers import {pipeline}, UNet2DConditionModel\n\n"
-                   f"unet = UNet2DConditionModel.from_pretrained({folder!r}, torch_dtype=torch.float16)\n"
-                   f"pipe = {pipeline}.from_pretrained({base!r}, unet=unet, torch_dtype=torch.float16)\n")
-        loads = f"the {'EMA' if weights == 'ema' else 'raw trained'} UNet in `{weights}/`"
+        snippet = family.card_snippet(base, weights, lora=False)
+        loads = f"the {'EMA' if weights == 'ema' else 'raw trained'} {family.denoiser_folder} in `{weights}/`"
     snippet += 'pipe.to("cuda")\nimage = pipe("a photo of an astronaut riding a horse").images[0]\n'
-    name = os.path.basename(os.path.normpath(checkpoint))
     return f"""---
 library_name: diffusers
 base_model: {base}
 tags:
-- stable-diffusion{'-xl' if sdxl else ''}
+- {family.card_tag}
 - text-to-image
 - diffusion-dro
 ---
@@ -86,16 +79,20 @@ The snippet loads {loads}.
 
 ## Load it in diffusers
 
+From this folder (paths are relative to this card):
+
 ```python
 {snippet}```
 
-A complete pipeline folder: `python -m tools.export_pipeline --checkpoint {checkpoint} --output DIR`.
+A complete pipeline folder: `python -m tools.export_pipeline --checkpoint {name} --output DIR`
+(from the run's log folder).
 """
 
 
-def write_card(path, *, final, args, step, world=1):
-    """Write `path`/README.md (the checkpoint folder being assembled) naming its final path."""
+def write_card(path, *, final, args, family, step, world=1):
+    """Write `path`/README.md (the checkpoint folder being assembled, renamed to `final`)."""
     folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-    text = model_card(dict(args), step, checkpoint=os.path.abspath(final), folders=folders, world=world)
+    text = model_card(dict(args), step, family=family, name=os.path.basename(os.path.normpath(final)), folders=folders,
+                      world=world)
     with open(os.path.join(path, "README.md"), "w", encoding="utf-8") as f:
         f.write(text)

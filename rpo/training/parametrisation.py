@@ -64,8 +64,6 @@ class FullFineTune:
         write_model_folder(path, model=self.trainable, state_dict=state)
 
 
-# diffusers' examples/text_to_image/train_text_to_image_lora.py targets the attention projections.
-LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 TRAIN_ADAPTER, ROLLOUT_ADAPTER = "policy", "rollout"  # not "train": nn.Module.train exists
 
 
@@ -75,13 +73,6 @@ def lora_targets_matched(model, targets):
     the meta device (the check runs before any weight loads)."""
     names = [name for name, _ in model.named_modules()]
     return {t: sum(name == t or name.endswith("." + t) for name in names) for t in targets}
-
-
-# What each denoiser's LoRA checkpoint is written with: the pipeline class whose
-# `save_lora_weights` / `load_lora_weights` pair reads it, and whether peft's keys are
-# converted to diffusers' layout first. diffusers' SD3 LoRA example
-# (examples/dreambooth/train_dreambooth_lora_sd3.py) saves peft's state dict unconverted.
-LORA_SAVERS = {"unet": ("StableDiffusionPipeline", True), "transformer": ("StableDiffusion3Pipeline", False)}
 
 
 class LoRAFineTune:
@@ -99,12 +90,13 @@ class LoRAFineTune:
     kind = "lora"
     weights_dir, ema_dir = "lora", "lora_ema"
 
-    def __init__(self, *, base, rank, alpha=None, target_modules=LORA_TARGET_MODULES, lagging=False, save_merged=False,
-                 seed=0, component="unet"):
+    def __init__(self, *, base, rank, target_modules, alpha=None, lagging=False, save_merged=False, seed=0,
+                 component="unet", pipeline_class="StableDiffusionPipeline", converts=True):
+        """`component`: the pipeline attribute the adapters load into (the family's
+        `denoiser_folder`); `pipeline_class`: whose `save_lora_weights` writes them;
+        `converts`: peft's keys converted to diffusers' layout first (the family's answer)."""
         from peft import LoraConfig
-        if component not in LORA_SAVERS:
-            raise ValueError(f"LoRA: component must be one of {sorted(LORA_SAVERS)}, got {component!r}")
-        self.component = component  # the pipeline attribute the adapters load into: unet or transformer
+        self.component, self.pipeline_class, self.converts = component, pipeline_class, converts
         self.trainable = base
         self.save_merged = save_merged
         base.requires_grad_(False)  # only the adapters train (peft leaves the base's flags as they were)
@@ -176,7 +168,7 @@ class LoRAFineTune:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
         state = get_peft_model_state_dict(self.trainable, state_dict=values, adapter_name=TRAIN_ADAPTER)
-        return convert_state_dict_to_diffusers(state) if LORA_SAVERS[self.component][1] else state
+        return convert_state_dict_to_diffusers(state) if self.converts else state
 
     def save_weights(self, path, *, weights, ema_shadows=None):
         """LoRA weights at `path` in the layout `pipe.load_lora_weights(path)` reads; `weights`
@@ -188,7 +180,7 @@ class LoRAFineTune:
         layers = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_layers(values).items()}
         # The SD1.5 and SDXL loaders read the same file (unet.* keys), SD3's transformer.* keys;
         # the metadata carries lora_alpha, which cannot be inferred from the shapes.
-        pipeline = getattr(diffusers, LORA_SAVERS[self.component][0])
+        pipeline = getattr(diffusers, self.pipeline_class)
         pipeline.save_lora_weights(path, **{f"{self.component}_lora_layers": layers,
                                             f"{self.component}_lora_adapter_metadata": self.config.to_dict()})
 

@@ -52,10 +52,10 @@ class TrainState:
         self.dev_gen.set_state(state["dev_gen"])
 
 
-def save_checkpoint(*, logdir, accelerator, model, params, ema, state, args, keep, keep_weights=None):
+def save_checkpoint(*, logdir, accelerator, model, params, ema, state, args, family, keep, keep_weights=None):
     """Write `ckpt-<state.step>` (all ranks call this): assembled in a temporary folder and
     renamed when complete. `model` is the prepared (wrapped) model, `params` its
-    parametrisation, `args` a dict of the run's options."""
+    parametrisation, `args` a dict of the run's options, `family` the model family (the card)."""
     step = state.step
     path = checkpoint.tmp_dir(logdir, step)
     if accelerator.is_main_process:
@@ -84,7 +84,8 @@ def save_checkpoint(*, logdir, accelerator, model, params, ema, state, args, kee
             trainer["ema"] = ema.state_dict()
         torch.save(trainer, os.path.join(state_dir, "trainer.pt"))  # marks the state complete
         checkpoint.write_checksums(state_dir)  # what resume verifies before it loads anything
-        write_card(path, final=checkpoint.final_dir(logdir, step), args=args, step=step, world=accelerator.num_processes)
+        write_card(path, final=checkpoint.final_dir(logdir, step), args=args, family=family, step=step,
+                   world=accelerator.num_processes)
         checkpoint.commit(logdir, step, keep, keep_weights)
     accelerator.wait_for_everyone()
     return checkpoint.final_dir(logdir, step)

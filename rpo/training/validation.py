@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
@@ -47,7 +46,6 @@ class ValidationSettings:
     seed: int                 # base seed of the benchmark protocol
     images_per_prompt: int
     batch_size: int           # images per pipeline call and per scoring batch
-    sdxl: bool = False
 
 
 def weights_fingerprint(module):
@@ -187,22 +185,16 @@ def page_names(step, count):
 
 # --------------------------------------------------------------------------- the validator
 class Validator:
-    def __init__(self, *, accelerator, captions, text, vae, schedule, settings, logdir, scorer=None, score_name=None,
+    def __init__(self, *, accelerator, captions, text, vae, family, settings, logdir, scorer=None, score_name=None,
                  on_score=None):
         self.accelerator, self.captions, self.text, self.vae = accelerator, list(captions), text, vae
         self.settings, self.logdir, self.scorer, self.score_name = settings, logdir, scorer, score_name
-        self.scheduler = make_scheduler(settings.scheduler, schedule)
+        self.family = family  # builds the stock pipeline (rpo/families)
+        self.scheduler = make_scheduler(settings.scheduler, family.schedule)
         self.on_score = on_score  # called on the main process with (step, {name: value})
 
-    def pipeline(self, unet):
-        if hasattr(self.text, "pipeline"):  # SD3 / SD3.5: the text parts build it (rpo/models_sd3.py)
-            return self.text.pipeline(unet, self.vae, self.scheduler)
-        common = dict(vae=self.vae, unet=unet, scheduler=self.scheduler)
-        if self.settings.sdxl:
-            return StableDiffusionXLPipeline(text_encoder=self.text.encoders[0], text_encoder_2=self.text.encoders[1],
-                                             tokenizer=self.text.tokenizers[0], tokenizer_2=self.text.tokenizers[1], **common)
-        return StableDiffusionPipeline(text_encoder=self.text.encoders[0], tokenizer=self.text.tokenizers[0],
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False, **common)
+    def pipeline(self, model):
+        return self.family.validation_pipeline(self.text, self.vae, model, self.scheduler)
 
     def folder(self, step):
         return os.path.join(self.logdir, "images", f"step-{step}")
