@@ -19,9 +19,8 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from rpo import generate
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import PromptDataset
-from rpo.models import (SDXL_VAE, check_pipeline_folder, fingerprint_change, offline_unless_hub_reachable,
-                        weights_fingerprint)
-from rpo.models_sd3 import is_sd3
+from rpo import families
+from rpo.models import check_pipeline_folder, fingerprint_change, offline_unless_hub_reachable, weights_fingerprint
 
 
 def build_parser():
@@ -32,7 +31,9 @@ def build_parser():
     p.add_argument("--variant", default=None, help="file variant of the pipeline's weights, e.g. fp16")
     p.add_argument("--cache_dir", type=str, default=None,
                    help="The directory where the downloaded models and datasets will be stored.")
-    flag(p, "sdxl", False, "the pipeline is Stable Diffusion XL")
+    flag(p, "sdxl", False, "the pipeline is Stable Diffusion XL (detected from its model_index.json when local)")
+    p.add_argument("--model_family", choices=families.CHOICES, default="auto",
+                   help="the pipeline's model family (rpo/families/); auto: from its model_index.json")
     p.add_argument("--unet", default=None,
                    help="fine-tuned UNet: a save_pretrained folder such as <logdir>/ckpt-N/ema, or a hub id; "
                         "default: the pipeline's own")
@@ -83,14 +84,14 @@ def start_processes():
     return state
 
 
-def settings_of(args, pipe, resolution, num_prompts):
+def settings_of(args, family, pipe, resolution, num_prompts):
     """What decides the pixels; a rerun into the same --output must match all of it."""
     def model(path):
         return os.path.realpath(path) if path is not None and os.path.exists(path) else path
     return {
         "pretrained_model_name_or_path": model(args.pretrained_model_name_or_path), "revision": args.revision,
         "variant": args.variant,
-        "sdxl": args.sdxl, "unet": model(args.unet), "unet_subfolder": args.unet_subfolder,
+        "model_family": family.name, "unet": model(args.unet), "unet_subfolder": args.unet_subfolder,
         "unet_variant": args.unet_variant, "scheduler": type(pipe.scheduler).__name__,
         "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
         "resolution": resolution, "seed": args.seed, "mixed_precision": args.mixed_precision,
@@ -132,20 +133,18 @@ WEIGHT_PARTS = {"unet": "UNet", "text_encoder": "text encoder", "text_encoder_2"
                 "text_encoder_3": "text encoder 3", "vae": "VAE"}
 
 
-def weights_of(args, memo):
+def weights_of(args, family, memo):
     """{part: fingerprint} of the weights this run generates with (rpo.models.weights_fingerprint):
     the path says where they are, this says what they are."""
     source, hub = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
-    sd3 = is_sd3(source, **hub)  # SD3 / SD3.5: a transformer and three text encoders (rpo/models_sd3.py)
+    # "unet": the network that trains, whatever the family calls it (old manifests use this key)
     parts = {"unet": weights_fingerprint(args.unet, args.unet_subfolder, cache_dir=args.cache_dir, memo=memo)
-             if args.unet else weights_fingerprint(source, "transformer" if sd3 else "unet", **hub, memo=memo)}
-    encoders = ("text_encoder", "text_encoder_2", "text_encoder_3") if sd3 else ("text_encoder",)
-    for encoder in ("text_encoder", "text_encoder_2") if args.sdxl else encoders:
+             if args.unet else weights_fingerprint(source, family.denoiser_folder, **hub, memo=memo)}
+    for encoder in family.text_encoder_folders:
         parts[encoder] = weights_fingerprint(source, encoder, **hub, memo=memo)
-    if args.sdxl and not os.path.isdir(source):  # rpo.models.load_vae: the fp16-fix VAE for a hub SDXL
-        parts["vae"] = weights_fingerprint(SDXL_VAE, cache_dir=args.cache_dir, memo=memo)
-    else:
-        parts["vae"] = weights_fingerprint(source, "vae", **hub, memo=memo)
+    vae, subfolder = family.vae_location(source)
+    parts["vae"] = weights_fingerprint(vae, subfolder, **(hub if vae == source else {"cache_dir": args.cache_dir}),
+                                       memo=memo)
     return parts
 
 
@@ -185,8 +184,10 @@ def main(argv=None):
     # Loading bars of every rank would bury the one line that matters (an error, the summary).
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    family = families.resolve(args.model_family, args.pretrained_model_name_or_path, sdxl=args.sdxl,
+                              revision=args.revision, cache_dir=args.cache_dir)
     pipe = generate.load_pipeline(
-        args.pretrained_model_name_or_path, sdxl=args.sdxl, variant=args.variant, unet=args.unet,
+        args.pretrained_model_name_or_path, model_family=family.name, variant=args.variant, unet=args.unet,
         unet_subfolder=args.unet_subfolder, unet_variant=args.unet_variant,
         dtype=generate.DTYPES[args.mixed_precision], safety_checker=args.safety_checker,
         revision=args.revision, cache_dir=args.cache_dir)
@@ -200,14 +201,17 @@ def main(argv=None):
 
     # Every rank plans from the same files before the barrier, and nothing is written
     # until every check passed, so a refused run leaves the output as it was.
-    settings = settings_of(args, pipe, resolution, len(captions))
+    settings = settings_of(args, family, pipe, resolution, len(captions))
     jobs, done = generate.plan(args.output, len(captions), args.num_images_per_prompt, args.seed)
     manifest = generate.read_manifest(args.output)
     memo = dict((manifest or {}).get("weight_hashes", {}))  # unchanged files (size, mtime) are not re-read
-    weights = weights_of(args, memo)
+    weights = weights_of(args, family, memo)
     warnings = [check_weights(args.output, manifest, weights)]
     if manifest is not None:  # weights compared above, by part; check_manifest compares the rest
-        manifest = {**manifest, "settings": {k: v for k, v in manifest.get("settings", {}).items() if k != "weights"}}
+        old = {k: v for k, v in manifest.get("settings", {}).items() if k != "weights"}
+        if "sdxl" in old:  # written before model families: the --sdxl flag it recorded names one
+            old["model_family"] = families.legacy_name(old.pop("sdxl"), family)
+        manifest = {**manifest, "settings": old}
     warnings.append(generate.check_manifest(args.output, manifest, settings, done))
     if state.is_main_process:
         for warning in filter(None, warnings):

@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -35,11 +36,13 @@ from diffusers.optimization import get_scheduler  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from rpo.diffusion.family import UNetFamily  # noqa: E402
 from rpo.diffusion.rollout import predict_noise  # noqa: E402
-from rpo.diffusion.schedulers import PerSampleScheduler  # noqa: E402
-from rpo.training import steps  # noqa: E402
+from rpo.families import SD15  # noqa: E402
+from rpo.training import rollouts  # noqa: E402
 from rpo.training.ema import NamedEMA  # noqa: E402
+from rpo.training.loop import TrainLoop  # noqa: E402
+from rpo.training.objectives import Ranking  # noqa: E402
+from rpo.training.sources import ReplayPairs  # noqa: E402
 from rpo.training.parametrisation import FullFineTune  # noqa: E402
 from rpo.training.speed import speed_up  # noqa: E402
 from rpo.training.state import TrainState  # noqa: E402
@@ -131,24 +134,29 @@ def train_mode(cfg, args, device, *, truncate, compile):
     reference.load_state_dict(unet.state_dict())
     text = Text(CLIPTextModel(CLIPTextConfig(**cfg["text"])).to(device, dtype).eval(), device)
     vae = AutoencoderKL(**cfg["vae"]).to(device, dtype).eval()
-    family = UNetFamily(SD15_SCHEDULE)
+    family = SD15(SD15_SCHEDULE)
     params = FullFineTune(trainable=unet, reference=reference)
     ema = NamedEMA(params.named_trainable(), offload=True)
     optimizer = torch.optim.AdamW([p for _, p in params.named_trainable()], lr=1e-4)
     model, optimizer, lr_scheduler = acc.prepare(unet, optimizer, get_scheduler("constant", optimizer))
     speed_up([unet, reference], compile=compile)
     B, T = cfg["batch"], cfg["rollout_steps"]
-    exact, why = steps.truncation_applies(buffer_size=B, sample_steps=1, pair_batch_size=B, rollout_batch_size=B,
+    exact, why = rollouts.truncation_applies(buffer_size=B, sample_steps=1, pair_batch_size=B, rollout_batch_size=B,
                                           batches_per_refill=1, sync=False, world=1)
     assert exact, why
-    settings = steps.RolloutSettings(scheduler="DPMSolver++", num_steps=T, batch_size=B, batches_per_refill=1,
+    settings = rollouts.RolloutSettings(scheduler="DPMSolver++", num_steps=T, batch_size=B, batches_per_refill=1,
                                      min_trajectories=B, guidance_scale=1.0, perturb_timesteps=True,
                                      drop_prompt_probability=0.2, resolution=cfg["resolution"],
                                      latent_size=cfg["resolution"] // 8, truncate=truncate)
-    refiller = steps.Refiller(batches=Experts(B, cfg["resolution"], device), text=text, vae=vae, family=family,
-                              sampler=PerSampleScheduler.from_name("DPMSolver++", family.schedule), settings=settings,
-                              accelerator=acc, weight_dtype=dtype)
+    refiller = rollouts.Refiller(batches=Experts(B, cfg["resolution"], device), text=text, vae=vae, family=family,
+                                 settings=settings, accelerator=acc, weight_dtype=dtype)
     state = TrainState.fresh(seed=0, rank=0, buffer_size=B, device=device)
+
+    def loop_on(source):
+        return TrainLoop(accelerator=acc, model=model, params=params, family=family, source=source,
+                         objective=Ranking(margin=0.001, hinge=True), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                         ema=None, state=state, cadence=None, max_grad_norm=1.0, logdir=None, args={}, batch_size=B)
+    loop = loop_on(ReplayPairs(refiller=refiller, params=params, batch_size=B, sample_steps=1))
     timers = {"rollout": 0.0}
 
     def timed_rollout(real):
@@ -162,19 +170,20 @@ def train_mode(cfg, args, device, *, truncate, compile):
                 timers["rollout"] += time.perf_counter() - tic
         return wrapper
 
-    saved = steps.rollout, steps.truncated_rollout
-    steps.rollout, steps.truncated_rollout = timed_rollout(saved[0]), timed_rollout(saved[1])
+    saved = rollouts.rollout, rollouts.truncated_rollout
+    rollouts.rollout, rollouts.truncated_rollout = timed_rollout(saved[0]), timed_rollout(saved[1])
 
     def micro_step():
-        refiller.refill(model=unet, state=state)
+        """The whole micro-step; returns its seconds outside the rollouts."""
+        rolled = timers["rollout"]
         sync(device)
         tic = time.perf_counter()
-        steps.dro_micro_step(accelerator=acc, model=model, params=params, family=family, state=state, batch_size=B,
-                             optimizer=optimizer, lr_scheduler=lr_scheduler, margin=0.001, hinge=True, max_grad_norm=1.0)
+        loop.micro_step(state.step + 1)
+        state.step += 1
         sync(device)
         if acc.sync_gradients:
             ema.step(params.named_trainable())
-        return time.perf_counter() - tic
+        return time.perf_counter() - tic - (timers["rollout"] - rolled)
 
     try:
         for _ in range(args.warmup):
@@ -189,7 +198,7 @@ def train_mode(cfg, args, device, *, truncate, compile):
             walls.append(time.perf_counter() - tic)
         rows = (refiller.unet_rows - rows0) / args.steps
     finally:
-        steps.rollout, steps.truncated_rollout = saved
+        rollouts.rollout, rollouts.truncated_rollout = saved
     wall = sum(walls)
     out = {"truncate": truncate, "compile": compile, "seconds_per_micro_step": wall / args.steps,
            "median_seconds_per_micro_step": statistics.median(walls),
@@ -203,10 +212,8 @@ def train_mode(cfg, args, device, *, truncate, compile):
             row = count_flops(lambda: unet(x, torch.tensor([500], device=device), encoder_hidden_states=c))
             pixels = torch.randn(B, 3, cfg["resolution"], cfg["resolution"], device=device, dtype=dtype)
             vae_flops = count_flops(lambda: vae.encode(pixels))
-        refiller.refill(model=unet, state=state)
-        train_flops = count_flops(lambda: steps.dro_micro_step(
-            accelerator=acc, model=model, params=params, family=family, state=state, batch_size=B, optimizer=optimizer,
-            lr_scheduler=lr_scheduler, margin=0.001, hinge=True, max_grad_norm=1.0))
+        drawn = loop.source.draw(state.step + 1, state)  # the training part alone: a source handing out this draw
+        train_flops = count_flops(lambda: loop_on(SimpleNamespace(draw=lambda step, state: drawn)).micro_step(1))
         out["flops"] = {"unet_row": row, "dro_micro_step": train_flops, "vae_encode": vae_flops}
     del unet, reference, model, optimizer, params, ema, refiller, state
     if device.type == "cuda":

@@ -94,7 +94,7 @@ def table(unet, vae, text):
 def lora_count(unet_config, rank=4, targets=None):
     """Parameters of a rank-`rank` LoRA adapter on the UNet, as peft adds it (meta device)."""
     from peft import LoraConfig
-    from rpo.training.parametrisation import LORA_TARGET_MODULES
+    from rpo.families.sd15 import UNET_LORA_TARGETS as LORA_TARGET_MODULES
     with torch.device("meta"):
         unet = UNet2DConditionModel(**unet_config)
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets or LORA_TARGET_MODULES),
@@ -131,7 +131,7 @@ def sd3_table(rank=4):
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-    from rpo.training.parametrisation import LORA_TARGET_MODULES
+    from rpo.families.sd15 import UNET_LORA_TARGETS as LORA_TARGET_MODULES
     with torch.device("meta"):
         model = SD3Transformer2DModel(**SD35M_TRANSFORMER)
         params = sum(p.numel() for p in model.parameters())
@@ -183,7 +183,7 @@ def measure_sdxl_lora(latent, pairs, rank=4):
     """One micro-step of the full-size SDXL UNet with a rank-`rank` LoRA in bf16 on the CPU:
     reference forward (adapters disabled), trainable forward + backward, AdamW step."""
     from peft import LoraConfig
-    from rpo.training.parametrisation import LORA_TARGET_MODULES
+    from rpo.families.sd15 import UNET_LORA_TARGETS as LORA_TARGET_MODULES
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     unet = UNet2DConditionModel(**SDXL_UNET).requires_grad_(False)

@@ -22,14 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from rpo.cli import UserError, check_writable
 from rpo.diffusion.schedulers import STOCK_SCHEDULERS
 from rpo.io import atomic_write, write_text
-from rpo.models import DTYPES, from_pretrained, hub_options, load_tokenizer, load_unet, load_vae  # noqa: F401 (DTYPES for inference.py)
-from rpo.models_sd3 import is_sd3, load_transformer
+from rpo import families
+from rpo.models import DTYPES  # noqa: F401 (inference.py's --mixed_precision)
 
 SCHEDULERS = STOCK_SCHEDULERS  # inference.py's --scheduler choices (rpo/diffusion/schedulers.py)
 MANIFEST = "manifest.json"
@@ -78,83 +78,19 @@ def check_unet_path(unet, subfolder=None, what="--unet"):
 
 
 def load_pipeline(source, sdxl=False, variant=None, unet=None, unet_subfolder=None, unet_variant=None,
-                  dtype=torch.float32, safety_checker=False, *, revision=None, cache_dir=None):
-    """The stock diffusers pipeline, with `unet` (a folder or hub id) in place of the base UNet.
+                  dtype=torch.float32, safety_checker=False, *, model_family="auto", revision=None, cache_dir=None):
+    """The stock diffusers pipeline of `source`'s model family (rpo/families; auto: its
+    model_index.json, `sdxl` the --sdxl shorthand), with `unet` (a folder or hub id of the
+    network that trains: a UNet, an SD3 transformer) in place of the pipeline's own.
 
     The tokenizers load first, checked against their text encoders' configs as training
-    loads them (rpo.models.load_tokenizer), and are handed to the pipeline. `revision` is
-    the pipeline's; a `unet` from elsewhere gets only `cache_dir`.
+    loads them (rpo.models.load_tokenizer). `revision` is the pipeline's; a `unet` from
+    elsewhere gets only `cache_dir`.
     """
-    if sdxl and safety_checker:
-        raise UserError("--safety_checker: the SDXL pipeline has no safety checker")
-    if is_sd3(source, **hub_options(revision, cache_dir)):  # SD3 / SD3.5: `unet` is a transformer folder
-        return load_sd3_pipeline(source, variant=variant, transformer=unet, transformer_subfolder=unet_subfolder,
-                                 transformer_variant=unet_variant, dtype=dtype, sdxl=sdxl, safety_checker=safety_checker,
-                                 revision=revision, cache_dir=cache_dir)
-    index = os.path.join(source, "model_index.json")
-    if os.path.isfile(index):  # a local folder says which pipeline it is; catch a missing --sdxl
-        with open(index) as f:
-            is_sdxl = "XL" in json.load(f).get("_class_name", "")
-        if is_sdxl != sdxl:
-            raise UserError(f"--pretrained_model_name_or_path {source} is {'an SDXL' if is_sdxl else 'an SD1.5'} "
-                            f"pipeline: pass {'--sdxl' if is_sdxl else '--no-sdxl'}")
-    hub = hub_options(revision, cache_dir)
-    kwargs = {"tokenizer": load_tokenizer(source, **hub), **hub}
-    if sdxl:
-        kwargs["tokenizer_2"] = load_tokenizer(source, "tokenizer_2", "text_encoder_2", **hub)
-    kwargs.update(dtype=dtype, vae=load_vae(source, sdxl=sdxl, variant=variant, dtype=dtype, **hub))
-    if variant:
-        kwargs["variant"] = variant
-    if unet is not None:
-        kwargs["unet"] = load_unet(unet, subfolder=unet_subfolder, variant=unet_variant, dtype=dtype, what="--unet",
-                                   cache_dir=cache_dir)
-    if sdxl:
-        # The invisible watermark would alter pixels depending on an optional package.
-        pipe = from_pretrained(StableDiffusionXLPipeline, source, "SDXL pipeline", add_watermarker=False, **kwargs)
-    else:
-        if not safety_checker:  # off, as in the paper's evaluation (and not even loaded)
-            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        pipe = from_pretrained(StableDiffusionPipeline, source, "SD1.5 pipeline", **kwargs)
-        if safety_checker and pipe.safety_checker is None:
-            raise UserError(f"--safety_checker: the pipeline {source} has no safety checker")
-    check_unet_fits(pipe, unet or source)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def load_sd3_pipeline(source, variant=None, transformer=None, transformer_subfolder=None, transformer_variant=None,
-                      dtype=torch.float32, sdxl=False, safety_checker=False, *, revision=None, cache_dir=None):
-    """The stock StableDiffusion3Pipeline, with `transformer` (e.g. train.py's ckpt-N/ema) in
-    place of the base one; the same one-line errors as `load_pipeline`."""
-    from diffusers import StableDiffusion3Pipeline
-    if sdxl or safety_checker:
-        raise UserError(f"{source} is an SD3 pipeline: {'--sdxl' if sdxl else '--safety_checker'} does not apply")
-    hub = hub_options(revision, cache_dir)
-    kwargs = {"tokenizer": load_tokenizer(source, **hub),
-              "tokenizer_2": load_tokenizer(source, "tokenizer_2", "text_encoder_2", **hub), "dtype": dtype, **hub}
-    if variant:
-        kwargs["variant"] = variant
-    if transformer is not None:
-        kwargs["transformer"] = load_transformer(transformer, transformer_subfolder, transformer_variant, dtype,
-                                                 what="--unet (SD3 transformer)", cache_dir=cache_dir)
-    pipe = from_pretrained(StableDiffusion3Pipeline, source, "SD3 pipeline", **kwargs)
-    if pipe.transformer.config.in_channels != pipe.vae.config.latent_channels:
-        raise UserError(f"the transformer takes {pipe.transformer.config.in_channels} latent channels, "
-                        f"the VAE gives {pipe.vae.config.latent_channels}")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def check_unet_fits(pipe, unet_source):
-    """A UNet of another model family fails deep inside the first step; say so now instead."""
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
-    text_dim = sum(e.config.hidden_size for e in encoders)
-    if pipe.unet.config.cross_attention_dim != text_dim:
-        raise UserError(f"--unet {unet_source} does not fit the pipeline: it attends to {pipe.unet.config.cross_attention_dim}-d "
-                        f"text features, the text encoder(s) give {text_dim}-d (SD1.5 vs SDXL?)")
-    if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-        raise UserError(f"--unet {unet_source} takes {pipe.unet.config.in_channels} latent channels, "
-                        f"the VAE gives {pipe.vae.config.latent_channels}")
+    family = families.resolve(model_family, source, sdxl=sdxl, revision=revision, cache_dir=cache_dir)
+    return family.load_pipeline(source, denoiser=unet, denoiser_subfolder=unet_subfolder, denoiser_variant=unet_variant,
+                                variant=variant, dtype=dtype, safety_checker=safety_checker, revision=revision,
+                                cache_dir=cache_dir)
 
 
 def default_resolution(pipe):

@@ -1,4 +1,4 @@
-"""SD3 / SD3.5 pipeline parts: detection, the transformer, and the three text encoders
+"""SD3 / SD3.5 pipeline parts: the transformer, and the three text encoders
 (CLIP-L, CLIP-G, T5) with a caption cache (docs/design.md, "Model families").
 
 Captions are encoded by the stock `StableDiffusion3Pipeline.encode_prompt` (on a pipeline
@@ -8,53 +8,11 @@ joined with T5's states along the sequence; pooled = both CLIP projections conca
 T5 is large (4.7 B parameters in SD3's T5-XXL), so training encodes every caption it will
 need once at start-up (`precompute`) and can then drop the encoders (`release_encoders`).
 """
-import json
-import os
-
 import torch
 
-from rpo.cli import UserError
 from rpo.models import from_pretrained, hub_options, load_model, load_tokenizer
 
-SD3_PIPELINE_CLASSES = ("StableDiffusion3Pipeline",)
 MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s default for T5
-
-
-def pipeline_class_name(source, *, revision=None, cache_dir=None):
-    """`_class_name` of the pipeline's model_index.json (a local folder, or a hub id already
-    cached / reachable); None when it cannot be read."""
-    if os.path.isdir(source):
-        path = os.path.join(source, "model_index.json")
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-            path = hf_hub_download(source, "model_index.json", **hub_options(revision, cache_dir))
-        except Exception:  # noqa: BLE001 - offline / unknown id: the loaders report it later in one line
-            return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("_class_name")
-    except (OSError, ValueError):
-        return None
-
-
-def is_sd3(source, **hub):
-    return pipeline_class_name(source, **hub) in SD3_PIPELINE_CLASSES
-
-
-def resolve_model_family(choice, source, *, sdxl=False, **hub):
-    """'unet' or 'sd3' for `--model_family {auto,unet,sd3}`; a mismatch is one UserError
-    line, before any weight loads."""
-    name = pipeline_class_name(source, **hub)
-    detected = None if name is None else ("sd3" if name in SD3_PIPELINE_CLASSES else "unet")
-    if choice == "auto":
-        return detected or "unet"
-    if detected is not None and detected != choice:
-        raise UserError(f"--model_family {choice}: {source} is a {name} "
-                        f"(pass --model_family {detected}, or auto)")
-    if choice == "sd3" and sdxl:
-        raise UserError("--sdxl and --model_family sd3 contradict each other")
-    return choice
 
 
 def load_transformer(source, subfolder="transformer", variant=None, dtype=torch.float32, what="transformer", *,

@@ -14,6 +14,7 @@ from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+from rpo.families import SD15
 from rpo.training.card import model_card
 from test_train import REPO, run, train_cmd, weights
 
@@ -101,12 +102,17 @@ def test_model_card_names_base_and_step_and_its_snippet_loads(kit, trained):
     assert "| effective batch | 4 pairs per update" in text
     (snippet,) = re.findall(r"```python\n(.*?)```", text, re.S)
     paths = re.findall(r"from_pretrained\('([^']+)'", snippet)
-    assert paths == [str(log / "ckpt-2" / "ema"), kit["sd15"]]
-    assert all(os.path.isdir(p) for p in paths)
-    # run it as written, on the CPU in fp32, without the generation line
+    assert paths == ["ema", kit["sd15"]]  # the checkpoint's own folder relative to the card: no machine path
+    assert str(log) not in text
+    # run it as written from the card's folder, on the CPU in fp32, without the generation line
     code = snippet.replace("torch.float16", "torch.float32").split('pipe.to("cuda")')[0]
     scope = {}
-    exec(code, scope)
+    here = os.getcwd()
+    os.chdir(log / "ckpt-2")
+    try:
+        exec(code, scope)
+    finally:
+        os.chdir(here)
     ema = weights(log / "ckpt-2" / "ema")
     state = scope["pipe"].unet.state_dict()
     assert all(torch.equal(state[k], ema[k].float()) for k in ema)
@@ -115,14 +121,14 @@ def test_model_card_names_base_and_step_and_its_snippet_loads(kit, trained):
 def test_model_card_for_lora_and_sft():
     args = {"pretrained_model_name_or_path": "base/sd15", "batch_size": 4, "gradient_accumulation_steps": 16,
             "learning_rate": 1e-4, "margin": 0.001, "use_ema": True}
-    lora = model_card(args, 256, checkpoint="/runs/x/ckpt-256", folders=["lora", "lora_ema", "state"], world=4)
-    assert "pipe.load_lora_weights('/runs/x/ckpt-256/lora_ema')" in lora and "DRO (LoRA)" in lora
+    lora = model_card(args, 256, family=SD15, name="ckpt-256", folders=["lora", "lora_ema", "state"], world=4)
+    assert "pipe.load_lora_weights('lora_ema')" in lora and "DRO (LoRA)" in lora
     assert "| effective batch | 256 pairs per update (4 x 16 accumulation x 4 processes) |" in lora
     assert "UNet2DConditionModel" not in lora
-    sft = model_card({**args, "objective": "sft"}, 16, checkpoint="/c", folders=["ema", "unet"])
-    assert "# c: SFT of `base/sd15`" in sft and "from_pretrained('/c/ema'" in sft
-    no_ema = model_card({**args, "use_ema": False}, 16, checkpoint="/c", folders=["unet"])
-    assert "from_pretrained('/c/unet'" in no_ema and "| EMA | off |" in no_ema
+    sft = model_card({**args, "objective": "sft"}, 16, family=SD15, name="c", folders=["ema", "unet"])
+    assert "# c: SFT of `base/sd15`" in sft and "from_pretrained('ema'" in sft
+    no_ema = model_card({**args, "use_ema": False}, 16, family=SD15, name="c", folders=["unet"])
+    assert "from_pretrained('unet'" in no_ema and "| EMA | off |" in no_ema
 
 
 @pytest.mark.skipif("--lora_rank" not in open(os.path.join(REPO, "train.py")).read(), reason="train.py has no LoRA yet")

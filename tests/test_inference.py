@@ -312,10 +312,13 @@ def sdxl(tmp_path_factory):
 def test_sdxl(kit, sdxl, tmp_path, capsys):
     base = argv(kit, tmp_path / "xl", "--scheduler", "SDXL", "--num_images_per_prompt", "1")
     base[base.index("--pretrained_model_name_or_path") + 1] = sdxl
-    code, _, err = run(base, capsys)  # forgot --sdxl
-    assert code == 2 and "--sdxl" in err
-    code, out, _ = run(base + ["--sdxl"], capsys)
+    code, out, _ = run(base, capsys)  # no --sdxl: the family comes from model_index.json
     assert code == 0 and "generated 4 images" in out
+    code, out, _ = run(base + ["--sdxl"], capsys)  # the same pipeline, the same images: nothing to add
+    assert code == 0 and "generated 0 images" in out
+    # --sdxl on an SD1.5 pipeline is one line naming both
+    code, _, err = run(argv(kit, tmp_path / "not-xl", "--sdxl"), capsys)
+    assert code == 2 and "--sdxl" in err and "StableDiffusionPipeline" in err
     assert generate.read_manifest(str(tmp_path / "xl"))["settings"]["scheduler"] == "EulerDiscreteScheduler"
     with Image.open(tmp_path / "xl" / "3" / "3.png") as image:
         assert image.size == (32, 32)

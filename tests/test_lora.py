@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from test_ema_export import expected_ema
 from test_train import run, train_cmd
+from rpo.families import SD15
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -40,12 +41,11 @@ def buffer_sample(seed=0, b=2):
 def test_reference_is_the_base_with_adapters_disabled(kit):
     """Reference errors of the adapted model with adapters disabled equal those of a separately
     loaded base UNet, bit for bit, after the adapters moved away from zero."""
-    from rpo.diffusion.family import UNetFamily
     from rpo.diffusion.loss import per_sample_mse
     from rpo.diffusion.objective import pair_batch
     from rpo.training.parametrisation import LoRAFineTune
-    family = UNetFamily.from_pretrained(kit["sd15"])
-    params = LoRAFineTune(base=unet_of(kit), rank=4)
+    family = SD15.from_pretrained(kit["sd15"])
+    params = LoRAFineTune(base=unet_of(kit), rank=4, target_modules=SD15.lora_targets)
     base = unet_of(kit)
     with torch.no_grad():
         for _, p in params.named_trainable():
@@ -64,7 +64,7 @@ def test_reference_is_the_base_with_adapters_disabled(kit):
 
 def test_step0_output_equals_the_base_and_b_is_zero(kit):
     from rpo.training.parametrisation import LoRAFineTune
-    params = LoRAFineTune(base=unet_of(kit), rank=4, alpha=8)
+    params = LoRAFineTune(base=unet_of(kit), rank=4, target_modules=SD15.lora_targets, alpha=8)
     named = dict(params.named_trainable())
     assert named and all(torch.count_nonzero(p) == 0 for n, p in named.items() if ".lora_B." in n)
     assert all(torch.count_nonzero(p) > 0 for n, p in named.items() if ".lora_A." in n)
@@ -77,7 +77,7 @@ def test_lagging_rollout_adapter(kit):
     """The lagging rollout model is a frozen second adapter: it keeps its weights while the
     trainable adapter changes, and equals it after a refresh."""
     from rpo.training.parametrisation import LoRAFineTune
-    params = LoRAFineTune(base=unet_of(kit), rank=4, lagging=True)
+    params = LoRAFineTune(base=unet_of(kit), rank=4, target_modules=SD15.lora_targets, lagging=True)
     x, t, c = inputs()
     base = unet_of(kit)
     with torch.no_grad():
@@ -93,11 +93,10 @@ def test_lagging_rollout_adapter(kit):
 
 
 def test_gradients_only_on_adapter_parameters(kit):
-    from rpo.diffusion.family import UNetFamily
     from rpo.diffusion.objective import dro_loss
     from rpo.training.parametrisation import LoRAFineTune
-    family = UNetFamily.from_pretrained(kit["sd15"])
-    params = LoRAFineTune(base=unet_of(kit), rank=4, lagging=True)
+    family = SD15.from_pretrained(kit["sd15"])
+    params = LoRAFineTune(base=unet_of(kit), rank=4, target_modules=SD15.lora_targets, lagging=True)
     loss, _ = dro_loss(model=params.trainable, reference=params.reference, family=family, sample=buffer_sample(),
                        eps_expert=torch.randn(2, 4, 4, 4), margin=10.0)  # a large margin: the hinge is active
     loss.backward()
@@ -170,18 +169,20 @@ def test_lora_run_resume_ema_and_stock_pipeline(kit, tmp_path):
 
 
 def test_sft_gradient_equals_mse_written_out(kit):
-    """One sft_micro_step's gradient equals autograd of torch's mse_loss on the same inputs:
+    """One SFT micro-step's gradient equals autograd of torch's mse_loss on the same inputs:
     the caption drop, x0 from the VAE, t and noise drawn from copies of the state's generators."""
     import torch.nn.functional as F
     from accelerate import Accelerator
     from rpo.data.folders import ExpertDataset
-    from rpo.diffusion.family import UNetFamily
     from rpo.models import load_text_encoders, load_vae
     from rpo.training.parametrisation import FullFineTune
+    from loop_helpers import micro_step
+    from rpo.training.objectives import SFT
+    from rpo.training.rollouts import Refiller, RolloutSettings
+    from rpo.training.sources import ExpertSamples
     from rpo.training.state import TrainState
-    from rpo.training.steps import Refiller, RolloutSettings, sft_micro_step
     acc = Accelerator(cpu=True, gradient_accumulation_steps=2)  # the first micro-step keeps its gradients
-    family = UNetFamily.from_pretrained(kit["sd15"])
+    family = SD15.from_pretrained(kit["sd15"])
     text = load_text_encoders(kit["sd15"], False, None, torch.float32)
     vae = load_vae(kit["sd15"], False, None, torch.float32)
     data = ExpertDataset(kit["experts"], 32, False, False)
@@ -193,15 +194,15 @@ def test_sft_gradient_equals_mse_written_out(kit):
     settings = RolloutSettings(scheduler="DDIM", num_steps=4, batch_size=3, batches_per_refill=1, min_trajectories=3,
                                guidance_scale=1.0, perturb_timesteps=False, drop_prompt_probability=0.5, resolution=32,
                                latent_size=4)
-    refiller = Refiller(batches=iter([batch]), text=text, vae=vae, family=family, sampler=None, settings=settings,
+    refiller = Refiller(batches=iter([batch]), text=text, vae=vae, family=family, settings=settings,
                         accelerator=acc, weight_dtype=torch.float32)
     state = TrainState.fresh(seed=3, rank=0, buffer_size=4, device="cpu")
     cpu, dev = torch.Generator(), torch.Generator()
     cpu.set_state(state.cpu_gen.get_state())
     dev.set_state(state.dev_gen.get_state())
-    stats = sft_micro_step(accelerator=acc, model=model, params=params, family=family, refiller=refiller, state=state,
-                           optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
-                           max_grad_norm=0.0)
+    stats = micro_step(accelerator=acc, model=model, params=params, family=family,
+                       source=ExpertSamples(refiller=refiller, family=family), objective=SFT(), optimizer=opt,
+                       lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), state=state, max_grad_norm=0.0)
     got = {n: p.grad.clone() for n, p in unet.named_parameters()}
     assert state.expert_batches_used == 1 and len(state.buffer) == 0  # no rollouts, no buffer
 

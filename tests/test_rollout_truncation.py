@@ -1,5 +1,5 @@
 """Truncated rollouts (README, "Truncated rollouts"; rpo/diffusion/rollout.py `truncated_rollout`,
-rpo/training/steps.py `Refiller.truncated_refill`): the same (t_k, x_{t_k}, eps_k) as the full
+rpo/training/rollouts.py `Refiller.truncated_refill`): the same (t_k, x_{t_k}, eps_k) as the full
 rollout at the sampled step, the same joint law of (trajectory, k) as full rollouts + buffer
 sampling, fewer UNet rows, and an exact resume."""
 import contextlib
@@ -15,7 +15,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from rpo.diffusion.rollout import rollout, truncated_rollout
 from rpo.diffusion.schedulers import SCHEDULERS, PerSampleScheduler, make_timesteps
 from rpo.training.state import TrainState
-from rpo.training.steps import Refiller, RolloutSettings, truncation_applies
+from rpo.families import SD15
+from rpo.training.rollouts import Refiller, RolloutSettings, truncation_applies
+from rpo.training.sources import ReplayPairs
 from test_buffer import chi_square_critical
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,8 +140,13 @@ def refiller(*, truncate, rollout_batch, batches, pairs, T, scheduler="DPMSolver
     acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, autocast=contextlib.nullcontext)
     moments = torch.randn(3, 2, 4, 2, 2, generator=torch.Generator().manual_seed(0))
     return Refiller(batches=Captions(rollout_batch), text=Text(), vae=SimpleNamespace(config=SimpleNamespace(scaling_factor=0.5)),
-                    family=SimpleNamespace(schedule=config), sampler=PerSampleScheduler.from_name(scheduler, config),
-                    settings=settings, accelerator=acc, weight_dtype=torch.float32, moments=moments)
+                    family=SD15(config), settings=settings, accelerator=acc, weight_dtype=torch.float32, moments=moments)
+
+
+def draw(r, model, state, pairs, step):
+    """What the micro-step receives from the replay pair source (refill every micro-step)."""
+    source = ReplayPairs(refiller=r, params=SimpleNamespace(rollout_model=model), batch_size=pairs, sample_steps=1)
+    return source.draw(step, state)
 
 
 CASES = {"paper": dict(rollout_batch=3, batches=1, pairs=3, T=3),        # every trajectory sampled once
@@ -155,14 +162,16 @@ def test_truncated_refill_hands_the_micro_step_what_full_rollouts_and_the_buffer
         full, cut = (refiller(truncate=t, scheduler=scheduler, **case) for t in (False, True))
         states = [TrainState.fresh(seed=5, rank=0, buffer_size=BUFFER, device="cpu") for _ in range(2)]
         model = Elementwise()
-        for _ in range(20):
-            picks = []
+        for step in range(1, 21):
+            picks, noise = [], []
             for r, state in zip((full, cut), states):
-                r.refill(model=model, state=state)
-                picks.append(state.buffer.sample(case["pairs"], generator=state.cpu_gen))
+                sample, eps = draw(r, model, state, case["pairs"], step)
+                picks.append(sample)
+                noise.append(eps)
             assert picks[0].keys() == picks[1].keys() and {"x0", "prompt_embeds", "t", "x_t", "eps"} <= picks[0].keys()
             for k in picks[0]:
                 assert torch.equal(picks[0][k], picks[1][k]), k
+            assert torch.equal(noise[0], noise[1])
             assert torch.equal(states[0].dev_gen.get_state(), states[1].dev_gen.get_state())
         assert len(states[1].buffer) == 0  # nothing kept past the micro-step
         assert 0 < cut.unet_rows < full.unet_rows
@@ -182,10 +191,9 @@ def test_pairs_reaching_the_loss_follow_the_buffer_law(case):
     grid = make_timesteps("DPMSolver++", DDPMScheduler(num_train_timesteps=1000).config, T, 1, perturb=False)[0]
     k_of_t = {int(t): k for k, t in enumerate(grid.tolist())}
     counts, draws, rows, want_rows, refill_no = {}, 2000, 0, 0, 0
-    for _ in range(draws):
+    for step in range(1, draws + 1):
         before = len(model.rows)
-        r.refill(model=model, state=state)
-        s = state.buffer.sample(pairs, generator=state.cpu_gen)
+        s, _ = draw(r, model, state, pairs, step)
         # trajectory = caption number - the first of this refill, minus the ones a full buffer drops
         traj = (s["prompt_embeds"][:, 0, 0].long() - refill_no * per_refill - (per_refill - BUFFER)).tolist()
         ks = [k_of_t[int(t)] for t in s["t"]]

@@ -91,13 +91,13 @@ def test_timestep_grids():
 def build_refill(sd3kit, *, steps=3, batch=2):
     from accelerate import Accelerator
     from rpo.data.folders import ExpertBatches, ExpertDataset
-    from rpo.diffusion.flow import FlowMatchFamily
+    from rpo.families import SD3
     from rpo.models import load_vae
     from rpo.models_sd3 import load_sd3_text_encoders, load_transformer
+    from rpo.training.rollouts import Refiller, RolloutSettings
     from rpo.training.state import TrainState
-    from rpo.training.steps import Refiller, RolloutSettings
     acc = Accelerator(cpu=True)
-    family = FlowMatchFamily.from_pretrained(sd3kit["sd3"])
+    family = SD3.from_pretrained(sd3kit["sd3"])
     text, vae = load_sd3_text_encoders(sd3kit["sd3"]), load_vae(sd3kit["sd3"])
     experts = ExpertDataset(sd3kit["experts"], 32, False, False)
     batches = iter(torch.utils.data.DataLoader(experts, batch_sampler=ExpertBatches(len(experts), batch)))
@@ -105,7 +105,7 @@ def build_refill(sd3kit, *, steps=3, batch=2):
                                min_trajectories=batch, guidance_scale=1.0, perturb_timesteps=True,
                                drop_prompt_probability=0.0, resolution=32, latent_size=4)
     refiller = Refiller(batches=batches, text=text, vae=vae, family=family, accelerator=acc, weight_dtype=torch.float32,
-                        sampler=family.sampler(), settings=settings)
+                        settings=settings)
     state = TrainState.fresh(seed=0, rank=0, buffer_size=4, device="cpu")
     return dict(family=family, text=text, vae=vae, refiller=refiller, state=state, acc=acc,
                 model=load_transformer(sd3kit["sd3"]), experts=experts)
@@ -172,18 +172,20 @@ def test_buffer_loss_and_targets_recomputed_by_hand(sd3kit):
 def test_reference_stays_the_base_transformer(sd3kit):
     from diffusers.optimization import get_scheduler
     from rpo.models_sd3 import load_transformer
+    from loop_helpers import micro_step
+    from rpo.training.objectives import Ranking
     from rpo.training.parametrisation import FullFineTune
-    from rpo.training.steps import dro_micro_step
+    from rpo.training.sources import ReplayPairs
     b = build_refill(sd3kit)
     model = b["model"].train()
     params = FullFineTune(trainable=model, reference=load_transformer(sd3kit["sd3"]).requires_grad_(False))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     lr_scheduler = get_scheduler("constant", optimizer)
-    for _ in range(2):
-        b["refiller"].refill(model=params.rollout_model, state=b["state"])
-        dro_micro_step(accelerator=b["acc"], model=model, params=params, family=b["family"], state=b["state"],
-                       batch_size=2, optimizer=optimizer, lr_scheduler=lr_scheduler, margin=0.05, hinge=True,
-                       max_grad_norm=1.0)
+    source = ReplayPairs(refiller=b["refiller"], params=params, batch_size=2, sample_steps=1)
+    for step in (1, 2):
+        micro_step(accelerator=b["acc"], model=model, params=params, family=b["family"], source=source,
+                   objective=Ranking(margin=0.05, hinge=True), optimizer=optimizer, lr_scheduler=lr_scheduler,
+                   state=b["state"], step=step)
     base = load_file(os.path.join(sd3kit["sd3"], "transformer", "diffusion_pytorch_model.safetensors"))
     ref, trained = params.reference_model.state_dict(), model.state_dict()
     assert base.keys() == ref.keys()
@@ -322,10 +324,12 @@ def test_lora_reference_is_the_base_transformer_with_adapters_disabled(sd3kit):
     reference (adapters disabled) equals a separately loaded base transformer bit for bit
     after the adapters moved off zero."""
     from rpo.models_sd3 import load_transformer
-    from rpo.training.parametrisation import LORA_TARGET_MODULES, LoRAFineTune, lora_targets_matched
+    from rpo.families import SD3
+    from rpo.training.parametrisation import LoRAFineTune, lora_targets_matched
     base = load_transformer(sd3kit["sd3"])
-    assert all(n > 0 for n in lora_targets_matched(base, LORA_TARGET_MODULES).values())
-    params = LoRAFineTune(base=load_transformer(sd3kit["sd3"]), rank=4, component="transformer")
+    assert all(n > 0 for n in lora_targets_matched(base, SD3.lora_targets).values())
+    params = LoRAFineTune(base=load_transformer(sd3kit["sd3"]), rank=4, target_modules=SD3.lora_targets,
+                          component="transformer", pipeline_class=SD3.pipeline_class, converts=SD3.lora_converts)
     with torch.no_grad():
         for _, p in params.named_trainable():
             p.normal_(0, 0.5)
@@ -409,8 +413,10 @@ def test_resample_micro_step_loss_recomputed_by_hand(sd3kit):
     velocity targets ε − x0 of each half)."""
     from diffusers.optimization import get_scheduler
     from rpo.models_sd3 import load_transformer
+    from loop_helpers import micro_step
+    from rpo.training.objectives import Ranking
     from rpo.training.parametrisation import FullFineTune
-    from rpo.training.steps import resample_micro_step
+    from rpo.training.sources import ResamplePairs
     b = build_refill(sd3kit)
     model, family, refiller, state = b["model"].train(), b["family"], b["refiller"], b["state"]
     reference = load_transformer(sd3kit["sd3"]).requires_grad_(False)
@@ -432,9 +438,10 @@ def test_resample_micro_step_loss_recomputed_by_hand(sd3kit):
     refiller.roll, family.training_timesteps = recording_roll, recording_draw
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     margin = 0.05
-    stats = resample_micro_step(accelerator=b["acc"], model=model, params=params, family=family, refiller=refiller,
-                                state=state, optimizer=optimizer, lr_scheduler=get_scheduler("constant", optimizer),
-                                margin=margin, hinge=True, max_grad_norm=1.0)
+    stats = micro_step(accelerator=b["acc"], model=model, params=params, family=family,
+                       source=ResamplePairs(refiller=refiller, params=params, family=family),
+                       objective=Ranking(margin=margin, hinge=True), optimizer=optimizer,
+                       lr_scheduler=get_scheduler("constant", optimizer), state=state)
     assert len(state.buffer) == 0  # nothing is stored
     f, t = seen["fields"], seen["t"]
     x0_e = f["x0"]
@@ -466,7 +473,7 @@ def test_resample_refused_on_unet_models_in_one_line(kit, tmp_path):
     proc = run(train_cmd({"experts": kit["experts"]}, tmp_path / "a", "--buffer_mode", "resample",
                          pipeline=kit["sd15"]), ok=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "--buffer_mode resample is implemented for --model_family sd3 only" in proc.stderr
+    assert "--model_family sd15 does not support --buffer_mode resample" in proc.stderr
 
 
 @pytest.mark.slow

@@ -306,7 +306,7 @@ def test_image_unreadable_during_training_is_one_line_naming_it(kit, tmp_path):
     import shutil
     from rpo.cli import UserError
     from rpo.data.folders import ExpertBatches, ExpertDataset
-    from rpo.training.steps import next_batch
+    from rpo.training.rollouts import next_batch
     experts = tmp_path / "experts"
     shutil.copytree(kit["experts"], experts)
     data = ExpertDataset(str(experts), 32)

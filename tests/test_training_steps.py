@@ -17,13 +17,15 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 
 from rpo.data.folders import ExpertBatches, ExpertDataset
-from rpo.diffusion.family import UNetFamily
-from rpo.diffusion.schedulers import PerSampleScheduler
+from rpo.families import SD15
 from rpo.models import load_text_encoders, load_unet, load_vae
 from rpo.training.ema import NamedEMA
+from rpo.training.loop import TrainLoop
+from rpo.training.objectives import Ranking
 from rpo.training.parametrisation import FullFineTune
+from rpo.training.rollouts import Refiller, RolloutSettings
+from rpo.training.sources import ReplayPairs
 from rpo.training.state import TrainState, load_checkpoint, read_trainer, save_checkpoint
-from rpo.training.steps import Refiller, RolloutSettings, dro_micro_step
 
 MARGIN, LR, CLIP = 0.05, 1e-3, 0.5
 
@@ -40,7 +42,7 @@ def pipeline(request, kit, tmp_path_factory):
 def build(kit, pipeline, *, accumulation=1):
     torch.manual_seed(0)
     acc = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
-    family = UNetFamily.from_pretrained(pipeline)
+    family = SD15.from_pretrained(pipeline)
     text, vae = load_text_encoders(pipeline), load_vae(pipeline)
     unet = load_unet(pipeline, "unet")
     with torch.no_grad():  # move the trainable model off the reference, so the loss is not at its kink
@@ -58,16 +60,21 @@ def build(kit, pipeline, *, accumulation=1):
                                guidance_scale=1.0, perturb_timesteps=True, drop_prompt_probability=0.0,
                                resolution=4 * vae_scale, latent_size=4)
     refiller = Refiller(batches=batches, text=text, vae=vae, family=family, accelerator=acc, weight_dtype=torch.float32,
-                        sampler=PerSampleScheduler.from_name("DDIM", family.schedule), settings=settings)
+                        settings=settings)
     state = TrainState.fresh(seed=0, rank=0, buffer_size=4, device="cpu")
     return dict(acc=acc, family=family, params=params, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler,
                 model=model, refiller=refiller, state=state)
 
 
 def micro_step(o, batch_size=2):
-    return dro_micro_step(accelerator=o["acc"], model=o["model"], params=o["params"], family=o["family"], state=o["state"],
-                          batch_size=batch_size, optimizer=o["optimizer"], lr_scheduler=o["lr_scheduler"],
-                          margin=MARGIN, hinge=True, max_grad_norm=CLIP)
+    """TrainLoop.micro_step on the replay source; the test refills itself (the source
+    refills only an empty buffer here)."""
+    source = ReplayPairs(refiller=o["refiller"], params=o["params"], batch_size=batch_size, sample_steps=10**9)
+    loop = TrainLoop(accelerator=o["acc"], model=o["model"], params=o["params"], family=o["family"], source=source,
+                     objective=Ranking(margin=MARGIN, hinge=True), optimizer=o["optimizer"],
+                     lr_scheduler=o["lr_scheduler"], ema=None, state=o["state"], cadence=None, max_grad_norm=CLIP,
+                     logdir=None, args={}, batch_size=batch_size)
+    return loop.micro_step(1)
 
 
 def hand_update(o, pipeline, batch_size=2):
@@ -128,7 +135,7 @@ def test_refill_micro_step_checkpoint_load_in_process(kit, pipeline, tmp_path):
     o["state"].step = 1
 
     path = save_checkpoint(logdir=str(tmp_path), accelerator=o["acc"], model=o["model"], params=o["params"], ema=o["ema"],
-                           state=o["state"], args={"seed": 0}, keep=1)
+                           state=o["state"], args={"seed": 0}, family=o["family"], keep=1)
     # a fresh set of objects, loaded from the checkpoint, holds the same state
     fresh = build(kit, pipeline)
     load_checkpoint(path=path, trainer=read_trainer(path), accelerator=fresh["acc"], params=fresh["params"],

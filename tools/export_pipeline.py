@@ -70,8 +70,7 @@ def check_export_output(output):
 def export(checkpoint, output, *, raw=False, base=None, dtype="no"):
     """Write the pipeline folder; returns (base model, what was exported)."""
     import torch  # noqa: F401  (loaded here: the option checks above stay fast)
-    from rpo.generate import load_pipeline
-    from rpo.models import load_vae
+    from rpo import families
 
     if not os.path.isdir(checkpoint):
         raise UserError(f"--checkpoint {checkpoint}: no such folder")
@@ -82,11 +81,10 @@ def export(checkpoint, output, *, raw=False, base=None, dtype="no"):
     if not base:
         raise UserError(f"--checkpoint {checkpoint}: the run's options are not recorded (no state/trainer.pt, no "
                         "../training_config.json); pass --pretrained_model_name_or_path")
-    sdxl = bool(args.get("sdxl", False))
-    pipe = load_pipeline(base, sdxl=sdxl, variant=args.get("variant"), unet=folder if kind == "unet" else None,
-                         dtype=DTYPES[dtype])
-    if args.get("vae"):  # the run trained and validated with another VAE than the pipeline's
-        pipe.register_modules(vae=load_vae(base, sdxl=sdxl, dtype=DTYPES[dtype], vae=args["vae"]))
+    family = families.resolve(args.get("model_family", "auto"), base, sdxl=bool(args.get("sdxl", False)))
+    # the run's own VAE when it trained and validated with another than the pipeline's
+    pipe = family.load_pipeline(base, denoiser=folder if kind == "unet" else None, variant=args.get("variant"),
+                                dtype=DTYPES[dtype], vae=args.get("vae"))
     if kind == "lora":
         pipe.load_lora_weights(folder)
         pipe.fuse_lora()            # W + scale * BA into the base weights

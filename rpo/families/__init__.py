@@ -1,18 +1,39 @@
 """Model families by name (docs/design.md, "The run's parts"): one class per family, one
 registry line each. `resolve` picks the family of a run from `--model_family` (auto: the
 pipeline's model_index.json) before any weight loads."""
+import json
+import os
+
 from rpo.cli import UserError
 from rpo.families.sd3 import SD3
 from rpo.families.sd15 import SD15
 from rpo.families.sdxl import SDXL
+from rpo.models import hub_options
 
 FAMILIES = {cls.name: cls for cls in (SD15, SDXL, SD3)}
 LEGACY = {"unet": ("sd15", "sdxl")}  # --model_family unet (before SDXL was a family): --sdxl picks
 
 
+def pipeline_class_name(source, *, revision=None, cache_dir=None):
+    """`_class_name` of the pipeline's model_index.json (a local folder, or a hub id already
+    cached / reachable); None when it cannot be read."""
+    if os.path.isdir(source):
+        path = os.path.join(source, "model_index.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(source, "model_index.json", **hub_options(revision, cache_dir))
+        except Exception:  # noqa: BLE001 - offline / unknown id: the loaders report it later in one line
+            return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def detect(source, **hub):
     """The family whose pipeline class `source`'s model_index.json names, or None (unreadable)."""
-    from rpo.models_sd3 import pipeline_class_name
     name = pipeline_class_name(source, **hub)
     if name is None:
         return None, None
@@ -45,6 +66,15 @@ def resolve(choice, source, *, sdxl=False, **hub):
     if sdxl and choice != "sdxl":
         raise UserError(f"--sdxl and --model_family {choice} contradict each other")
     return FAMILIES[choice]
+
+
+def legacy_name(sdxl, family):
+    """The family an inference manifest written before families meant by its `sdxl` flag:
+    SDXL when set; when not set, whichever non-SDXL family now runs (SD1.5 or SD3 wrote False),
+    so only a change to or from SDXL counts as a change."""
+    if sdxl:
+        return SDXL.name
+    return family.name if family is not SDXL else SD15.name
 
 
 CHOICES = ("auto", *FAMILIES, *LEGACY)

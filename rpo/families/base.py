@@ -84,15 +84,17 @@ class Family:
         raise NotImplementedError
 
     # --- pipelines
-    def pipeline_type(self):
+    @classmethod
+    def pipeline_type(cls):
         import diffusers
-        return getattr(diffusers, self.pipeline_class)
+        return getattr(diffusers, cls.pipeline_class)
 
     def validation_pipeline(self, text, vae, model, scheduler):
         """A stock pipeline on the loaded parts (validation during training)."""
         raise NotImplementedError
 
-    def load_pipeline(self, source, *, denoiser=None, denoiser_subfolder=None, denoiser_variant=None, variant=None,
+    @classmethod
+    def load_pipeline(cls, source, *, denoiser=None, denoiser_subfolder=None, denoiser_variant=None, variant=None,
                       dtype=torch.float32, safety_checker=False, vae=None, revision=None, cache_dir=None):
         """The stock pipeline from `source`, with `denoiser` (a folder or hub id) in place of the
         pipeline's own (inference.py, tools/export_pipeline.py)."""
@@ -100,24 +102,25 @@ class Family:
 
     text_encoder_folders = ()   # the pipeline's text encoder sub-folders (inference's weight fingerprints)
 
-    def vae_location(self, source, vae=None):
+    @classmethod
+    def vae_location(cls, source, vae=None):
         """(source, subfolder) of the VAE `load_vae` reads (inference's weight fingerprints)."""
         return (vae, None) if vae else (source, "vae")
 
     # --- the model card
-    def card_snippet(self, base, folder, *, lora):
+    @classmethod
+    def card_snippet(cls, base, folder, *, lora):
         """Python that loads the checkpoint sub-folder `folder` (a path relative to the card)
         into a stock pipeline on `base`."""
-        cls = self.pipeline_class
+        pipeline, part = cls.pipeline_class, cls.denoiser_folder
         if lora:
-            return (f"import torch\nfrom diffusers import {cls}\n\n"
-                    f"pipe = {cls}.from_pretrained({base!r}, torch_dtype=torch.float16)\n"
+            return (f"import torch\nfrom diffusers import {pipeline}\n\n"
+                    f"pipe = {pipeline}.from_pretrained({base!r}, torch_dtype=torch.float16)\n"
                     f"pipe.load_lora_weights({folder!r})\n")
-        model = self.denoiser_class.__name__
-        return (f"import torch\nfrom diffusers import {cls}, {model}\n\n"
-                f"{self.denoiser_folder} = {model}.from_pretrained({folder!r}, torch_dtype=torch.float16)\n"
-                f"pipe = {cls}.from_pretrained({base!r}, {self.denoiser_folder}={self.denoiser_folder}, "
-                f"torch_dtype=torch.float16)\n")
+        model = cls.denoiser_class.__name__
+        return (f"import torch\nfrom diffusers import {pipeline}, {model}\n\n"
+                f"{part} = {model}.from_pretrained({folder!r}, torch_dtype=torch.float16)\n"
+                f"pipe = {pipeline}.from_pretrained({base!r}, {part}={part}, torch_dtype=torch.float16)\n")
 
 
 def pipeline_from(cls, source, what, *, denoiser_name, denoiser, dtype, variant=None, **kwargs):

@@ -62,26 +62,29 @@ class SD15(UNetFamily, Family):
                                     scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                     requires_safety_checker=False)
 
-    def pipeline_parts(self, source, *, variant, dtype, vae, hub):
+    @classmethod
+    def pipeline_parts(cls, source, *, variant, dtype, vae, hub):
         """Tokenizers (checked against their encoders, as training loads them) and the VAE."""
         return {"tokenizer": load_tokenizer(source, **hub),
                 "vae": load_vae(source, False, variant, dtype, vae=vae, **hub)}
 
-    def load_pipeline(self, source, *, denoiser=None, denoiser_subfolder=None, denoiser_variant=None, variant=None,
+    @classmethod
+    def load_pipeline(cls, source, *, denoiser=None, denoiser_subfolder=None, denoiser_variant=None, variant=None,
                       dtype=torch.float32, safety_checker=False, vae=None, revision=None, cache_dir=None):
         hub = hub_options(revision, cache_dir)
-        kwargs = {**self.pipeline_parts(source, variant=variant, dtype=dtype, vae=vae, hub=hub), **hub}
+        kwargs = {**cls.pipeline_parts(source, variant=variant, dtype=dtype, vae=vae, hub=hub), **hub}
         model = None if denoiser is None else load_unet(denoiser, subfolder=denoiser_subfolder, variant=denoiser_variant,
                                                         dtype=dtype, what="--unet", cache_dir=cache_dir)
-        kwargs.update(self.pipeline_extras(safety_checker))
-        pipe = pipeline_from(self.pipeline_type(), source, f"{self.pipeline_class}", denoiser_name="unet",
+        kwargs.update(cls.pipeline_extras(safety_checker))
+        pipe = pipeline_from(cls.pipeline_type(), source, f"{cls.pipeline_class}", denoiser_name="unet",
                              denoiser=model, dtype=dtype, variant=variant, **kwargs)
         if safety_checker and getattr(pipe, "safety_checker", None) is None:
             raise UserError(f"--safety_checker: the pipeline {source} has no safety checker")
         check_unet_fits(pipe, denoiser or source)
         return pipe
 
-    def pipeline_extras(self, safety_checker):
+    @classmethod
+    def pipeline_extras(cls, safety_checker):
         if safety_checker:
             return {}
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

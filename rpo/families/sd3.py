@@ -72,7 +72,8 @@ class SD3(FlowMatchFamily, Family):
     def validation_pipeline(self, text, vae, model, scheduler):
         return text.pipeline(model, vae, scheduler)
 
-    def load_pipeline(self, source, *, denoiser=None, denoiser_subfolder=None, denoiser_variant=None, variant=None,
+    @classmethod
+    def load_pipeline(cls, source, *, denoiser=None, denoiser_subfolder=None, denoiser_variant=None, variant=None,
                       dtype=torch.float32, safety_checker=False, vae=None, revision=None, cache_dir=None):
         if safety_checker:
             raise UserError(f"{source} is an SD3 pipeline: --safety_checker does not apply")
@@ -81,7 +82,7 @@ class SD3(FlowMatchFamily, Family):
                   "tokenizer_2": load_tokenizer(source, "tokenizer_2", "text_encoder_2", **hub), **hub}
         model = None if denoiser is None else load_transformer(denoiser, denoiser_subfolder, denoiser_variant, dtype,
                                                                what="--unet (SD3 transformer)", cache_dir=cache_dir)
-        pipe = pipeline_from(self.pipeline_type(), source, "SD3 pipeline", denoiser_name="transformer", denoiser=model,
+        pipe = pipeline_from(cls.pipeline_type(), source, "SD3 pipeline", denoiser_name="transformer", denoiser=model,
                              dtype=dtype, variant=variant, **kwargs)
         if pipe.transformer.config.in_channels != pipe.vae.config.latent_channels:
             raise UserError(f"the transformer takes {pipe.transformer.config.in_channels} latent channels, "

@@ -39,17 +39,20 @@ class SDXL(SD15):
                                     tokenizer=text.tokenizers[0], tokenizer_2=text.tokenizers[1], vae=vae, unet=model,
                                     scheduler=scheduler)
 
-    def pipeline_parts(self, source, *, variant, dtype, vae, hub):
+    @classmethod
+    def pipeline_parts(cls, source, *, variant, dtype, vae, hub):
         return {"tokenizer": load_tokenizer(source, **hub),
                 "tokenizer_2": load_tokenizer(source, "tokenizer_2", "text_encoder_2", **hub),
                 "vae": load_vae(source, True, variant, dtype, vae=vae, **hub)}
 
-    def pipeline_extras(self, safety_checker):
+    @classmethod
+    def pipeline_extras(cls, safety_checker):
         if safety_checker:
             raise UserError("--safety_checker: the SDXL pipeline has no safety checker")
         return {"add_watermarker": False}  # the invisible watermark would alter pixels depending on an optional package
 
-    def vae_location(self, source, vae=None):
+    @classmethod
+    def vae_location(cls, source, vae=None):
         if vae is None and not os.path.isdir(source):  # rpo.models.load_vae: the fp16-fix VAE for a hub SDXL
             return SDXL_VAE, None
         return super().vae_location(source, vae)

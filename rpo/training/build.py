@@ -189,12 +189,7 @@ def assemble(args, family, data, accelerator, models, scorer, trainer, resume_fr
     validator = make_validator(args, family, accelerator, models, data.prompts, scorer)
     if accelerator.is_main_process:
         print_summary(args, len(experts), world, num_updates, state.step, validator)
-    on_end = None
-    if args.export_pipeline:
-        def on_end(final):  # noqa: E306 - the one hand-off at the end of the run
-            from tools.export_pipeline import export
-            export(final, args.export_pipeline, base=args.pretrained_model_name_or_path)
-            print(f"exported {final} as a pipeline -> {args.export_pipeline}")
+    on_end = (lambda final: export_pipeline(final, args)) if args.export_pipeline else None
     cadence = Cadence(num_steps=args.num_steps, accumulation=args.gradient_accumulation_steps,
                       rollout_refresh=args.buffer_update_steps, checkpoint=args.checkpointing_steps,
                       validation=args.validation_steps, keep=args.checkpoints_total_limit,
@@ -203,6 +198,13 @@ def assemble(args, family, data, accelerator, models, scorer, trainer, resume_fr
                      objective=objective, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, state=state,
                      cadence=cadence, max_grad_norm=args.max_grad_norm, logdir=args.logdir, args=vars(args),
                      batch_size=args.batch_size, validator=validator, on_end=on_end)
+
+
+def export_pipeline(final, args):
+    """--export_pipeline: the last checkpoint as a complete diffusers pipeline folder."""
+    from tools.export_pipeline import export
+    export(final, args.export_pipeline, base=args.pretrained_model_name_or_path)
+    print(f"exported {final} as a pipeline -> {args.export_pipeline}")
 
 
 def restore(args, trainer, path, accelerator, params, ema, state, optimizer, lr_scheduler, lr):
