@@ -1,0 +1,217 @@
+"""Nothing lost, nothing silent, round two (issue 26): one writer per folder (rpo/lock.py),
+preemption signals (rpo/preempt.py), hub contact that cannot hang (rpo/models.py), and the
+one-line refusals of the export / recovery tools, inference, scoring and the dataset tools.
+Faults are real where it is cheap: real processes, real signals, a real socket server that
+never answers; a full disk is a patched write raising ENOSPC."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from rpo import lock as locks
+from rpo.cli import UserError
+from rpo.lock import DirectoryLock, held_by, lock_path
+from rpo.preempt import REQUEUE_EXIT, Preemption
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+HOLD = """
+import sys, time
+from rpo.cli import run_main
+from rpo.lock import DirectoryLock
+def main():
+    with DirectoryLock(sys.argv[1], what="--output", heartbeat=float(sys.argv[3])):
+        print("held", flush=True)
+        time.sleep(float(sys.argv[2]))
+run_main(main)
+"""
+
+
+def holder(folder, seconds, heartbeat=15.0):
+    """A real process holding `folder`'s lock for `seconds`; returns once it holds it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(seconds), str(heartbeat)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held", proc.stderr.read()
+    return proc
+
+
+def try_lock(folder):
+    """A second real process asking for the lock and giving it back at once: (status, stderr)."""
+    result = subprocess.run([sys.executable, "-c", HOLD, str(folder), "0", "15"], env=ENV, capture_output=True,
+                            text=True, timeout=60)
+    return result.returncode, result.stderr
+
+
+# --------------------------------------------------------------------------- one writer per folder
+def test_second_process_is_refused_in_one_line_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    first = holder(out, 30)
+    try:
+        record = json.load(open(lock_path(out)))
+        assert record["pid"] == first.pid and record["host"] == socket.gethostname()
+        start = time.perf_counter()
+        status, stderr = try_lock(out)
+        assert time.perf_counter() - start < 30                          # refused, not waiting
+        assert status == 2 and stderr.count("\n") == 1 and stderr.startswith("error: --output ")
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["started"]))
+        assert f"pid {first.pid} on host {socket.gethostname()}, started {started}" in stderr
+        assert json.load(open(lock_path(out)))["pid"] == first.pid       # the holder's lock untouched
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_lock_is_released_on_exit_and_after_an_error(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "done.txt").write_text("finished work")
+    first = holder(out, 0)
+    assert first.wait(timeout=60) == 0 and not os.path.exists(lock_path(out))
+    assert try_lock(out) == (0, "")
+    with pytest.raises(ValueError):
+        with DirectoryLock(str(out)):
+            assert held_by(str(out))["pid"] == os.getpid()
+            raise ValueError("boom")
+    assert not os.path.exists(lock_path(out)) and os.listdir(out) == ["done.txt"]
+
+
+def test_sigkilled_holders_lock_does_not_block(tmp_path):
+    out = tmp_path / "out"
+    (out / "kept.txt").parent.mkdir()
+    (out / "kept.txt").write_text("work")
+    first = holder(out, 60)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert json.load(open(lock_path(out)))["pid"] == first.pid       # left behind by the kill
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out), "30", "15"], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert json.load(open(lock_path(out)))["pid"] == proc.pid
+    finally:
+        proc.kill()
+        _, stderr = proc.communicate()
+    assert f"taking over the lock of a dead run (pid {first.pid}" in stderr and "its process is gone" in stderr
+    assert (out / "kept.txt").read_text() == "work"
+
+
+def forged(folder, age, pid=None, machine=None):
+    """A lock file as another machine's holder leaves it, last touched `age` seconds ago."""
+    os.makedirs(folder, exist_ok=True)
+    record = {"host": "node-17", "pid": pid or 4242, "started": time.time() - 3600, "token": "x" * 32,
+              "pid_start": None, "machine": machine or {"host": "node-17", "boot": "b", "pidns": "p"},
+              "heartbeat_s": 15}
+    path = lock_path(folder)
+    with open(path, "w") as f:
+        json.dump(record, f)
+    os.utime(path, (time.time() - age, time.time() - age))
+    return record
+
+
+def test_other_machines_lock_is_live_while_it_beats_and_stale_after(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    forged(out, age=5)
+    with pytest.raises(UserError) as refused:
+        DirectoryLock(out, what="--logdir").acquire()
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith(f"--logdir {out} is in use by another run (pid 4242 on host node-17")
+    assert "last heartbeat" in line and lock_path(out) in line
+    assert held_by(out)["token"] == "x" * 32
+
+    forged(out, age=locks.STALE_AFTER_S + 30)                            # a dead node's lock
+    with DirectoryLock(out, what="--logdir") as held:
+        assert held_by(out)["pid"] == os.getpid() and held_by(out)["token"] == held.token
+    assert "no heartbeat for" in capsys.readouterr().err
+
+
+def test_reused_pid_is_not_mistaken_for_the_holder(tmp_path):
+    """Same machine, the pid alive but started at another time: the holder is gone."""
+    out = str(tmp_path / "out")
+    record = forged(out, age=0, pid=os.getppid(), machine=locks._machine())
+    record["pid_start"] = locks._proc_start(os.getppid()) + 1
+    json.dump(record, open(lock_path(out), "w"))
+    with DirectoryLock(out):
+        assert held_by(out)["pid"] == os.getpid()
+    record["pid_start"] -= 1                                             # the real start: alive, refused
+    json.dump(record, open(lock_path(out), "w"))
+    with pytest.raises(UserError, match=f"pid {os.getppid()} on host"):
+        DirectoryLock(out).acquire()
+
+
+def test_heartbeat_touches_the_lock_and_a_waiter_gets_it(tmp_path):
+    out = str(tmp_path / "out")
+    with DirectoryLock(out, heartbeat=0.1):
+        before = os.stat(lock_path(out)).st_mtime_ns
+        time.sleep(0.5)
+        assert os.stat(lock_path(out)).st_mtime_ns > before
+    first = holder(out, 1.5)
+    start = time.monotonic()
+    with DirectoryLock(out, wait=30):                                    # waits for the holder to finish
+        assert time.monotonic() - start < 30 and held_by(out)["pid"] == os.getpid()
+    first.wait()
+
+
+def test_refused_lock_removes_the_folder_it_created(tmp_path):
+    parent = str(tmp_path / "p")
+    os.makedirs(parent)
+    forged(os.path.join(parent, "held"), age=0)
+    os.remove(lock_path(os.path.join(parent, "held")))
+    with DirectoryLock(os.path.join(parent, "new")):
+        assert os.path.isdir(os.path.join(parent, "new"))
+    assert not os.path.exists(os.path.join(parent, "new"))              # created for the lock, left empty
+
+
+# --------------------------------------------------------------------------- preemption
+PREEMPTED = """
+import signal, sys, time
+from rpo.preempt import Preemption, REQUEUE_EXIT
+before = signal.getsignal(signal.SIGTERM)
+with Preemption() as p:
+    print("ready", flush=True)
+    step = 0
+    while not p.requested:
+        step += 1
+        time.sleep(0.01)
+    print(p.signal_name, step, flush=True)
+    second = p.signal_name
+assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+sys.exit(REQUEUE_EXIT)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_sets_the_flag_and_handlers_are_restored(signum):
+    proc = subprocess.Popen([sys.executable, "-c", PREEMPTED], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.1)
+    proc.send_signal(signum)
+    proc.send_signal(signum)                                             # a second one changes nothing
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == REQUEUE_EXIT == 75, err
+    name, steps = out.split()
+    assert name == signal.Signals(signum).name and int(steps) > 0
+
+
+def test_preemption_restores_handlers_after_an_error():
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    try:
+        with pytest.raises(RuntimeError):
+            with Preemption() as p:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(0.05)
+                assert p.requested and p.signal_name == "SIGUSR1" and p.requested_on_any()
+                raise RuntimeError
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert seen == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
