@@ -215,3 +215,99 @@ def test_preemption_restores_handlers_after_an_error():
         assert seen == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+# --------------------------------------------------------------------------- a hub that never answers
+class SilentServer:
+    """Accepts every TCP connection and never sends a byte (a stuck proxy or firewall);
+    `answer`: reply with a minimal HTTP response instead."""
+
+    def __init__(self, answer=False):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.answer, self.held = answer, []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            if self.answer:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def silent_server():
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def test_probe_of_a_silent_hub_gives_up_in_time(silent_server, monkeypatch):
+    from rpo import models
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_server.port}")
+    start = time.perf_counter()
+    assert models.hub_reachable(timeout=1.0) is False
+    assert time.perf_counter() - start < 5
+    assert silent_server.held                                            # it did connect: TCP alone would pass
+    answering = SilentServer(answer=True)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{answering.port}")
+        assert models.hub_reachable(timeout=5.0) is True
+    finally:
+        answering.close()
+    monkeypatch.setenv("RPO_HUB_TIMEOUT", "soon")
+    with pytest.raises(UserError, match="RPO_HUB_TIMEOUT='soon'"):
+        models.hub_timeout()
+
+
+def test_hub_requests_get_a_read_timeout(silent_server, monkeypatch):
+    """huggingface_hub's shared client has no timeout of its own: set_hub_timeouts gives it one."""
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+    from rpo import models
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(constants, name, getattr(constants, name))
+    monkeypatch.setenv("RPO_HUB_TIMEOUT", "1.5")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)             # the tests run offline
+    try:
+        models.set_hub_timeouts()
+        assert os.environ["HF_HUB_ETAG_TIMEOUT"] == "2" and constants.HF_HUB_DOWNLOAD_TIMEOUT == 2
+        start = time.perf_counter()
+        with pytest.raises(httpx2.TimeoutException):
+            _http.get_session().get(f"http://127.0.0.1:{silent_server.port}/api/models/x")
+        assert time.perf_counter() - start < 10
+    finally:
+        _http.set_client_factory(_http.default_client_factory)
+
+
+@pytest.mark.slow
+def test_silent_hub_fails_in_one_line_within_seconds(kit, tmp_path, silent_server):
+    """Issue 26, finding 4: an endpoint that accepts and never answers hung train.py for minutes."""
+    env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{silent_server.port}", HF_HOME=str(tmp_path / "hf"),
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "inference.py"), "--pretrained_model_name_or_path",
+                             "nobody/not-cached", "--test_dataset_root", kit["prompts"], "--output",
+                             str(tmp_path / "out"), "--mixed_precision", "no"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    seconds = time.perf_counter() - start
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 2, result.stderr[-2000:]
+    assert lines[0].startswith(f"warning: http://127.0.0.1:{silent_server.port} does not answer")
+    assert lines[1].startswith("error: ") and "nobody/not-cached" in lines[1]
+    assert seconds < 60, seconds
+    assert not os.path.exists(tmp_path / "out")
