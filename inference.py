@@ -8,6 +8,7 @@ with seed = `--seed` + prompt index + image index * number of prompts, so 1 and 
 processes, or any --batch_size, give the same images; a rerun makes only what is missing.
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -19,6 +20,7 @@ from accelerate.utils import gather_object, parse_flag_from_env
 from rpo import generate
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import PromptDataset
+from rpo.lock import DirectoryLock
 from rpo.models import (SDXL_VAE, check_pipeline_folder, fingerprint_change, offline_unless_hub_reachable,
                         weights_fingerprint)
 from rpo.models_sd3 import is_sd3
@@ -182,6 +184,13 @@ def main(argv=None):
         raise UserError("--mixed_precision fp16 on the CPU: PyTorch's CPU kernels lack or crawl through fp16 "
                         "matmuls and convolutions; use --mixed_precision bf16 or no")
     offline_unless_hub_reachable([args.pretrained_model_name_or_path] + ([args.unet] if args.unet else []))
+    # One writer per --output: a second run into it (a resubmitted job) stops here, naming the first.
+    with DirectoryLock(args.output, what="--output") if state.is_main_process else contextlib.nullcontext():
+        generate_into(args, state, captions)
+
+
+def generate_into(args, state, captions):
+    """Load the pipeline, check the output's manifest and weights, generate what is missing."""
     # Loading bars of every rank would bury the one line that matters (an error, the summary).
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()

@@ -22,8 +22,8 @@ A stale lock is taken over (renamed away, then created afresh), with a warning l
 API (for train.py and every script that writes a folder):
 - `DirectoryLock(path, what="--output", *, create=True, heartbeat=HEARTBEAT_S,
   stale_after=STALE_AFTER_S, wait=0.0)`: `path` the folder (created if missing when
-  `create`; removed again on release if the lock created it and it is still empty, so a
-  refused run leaves nothing behind); `what` the option named in the message; `wait`
+  `create`, parents too; those it created are removed again on release while still
+  empty, so a refused run leaves nothing behind); `what` the option named in the message; `wait`
   seconds to keep trying while another holder is alive (0: refuse at once).
 - `acquire()` / `release()`, or use it as a context manager. `acquire` raises
   `rpo.cli.UserError` with one line when the folder is held by a live process. Only the
@@ -132,7 +132,7 @@ class DirectoryLock:
         self.folder, self.what, self.create = path, what, create
         self.heartbeat, self.stale_after, self.wait = heartbeat, stale_after, wait
         self.path = lock_path(path)
-        self.token, self.owner, self.created_folder = None, None, False
+        self.token, self.owner, self.created = None, None, []
         self._stop = threading.Event()
         self._thread = None
 
@@ -280,18 +280,23 @@ class DirectoryLock:
             return
         if not self.create:
             raise UserError(f"{self.what} {self.folder}: no such folder")
+        missing, parent = [], os.path.abspath(self.folder)
+        while not os.path.exists(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
         try:
             os.makedirs(self.folder)
-            self.created_folder = True
+            self.created = missing  # innermost first: removed in this order if left empty
         except FileExistsError:
             pass
 
     def _undo_folder(self):
-        """Remove the folder this lock created if nothing else was written to it."""
-        if self.created_folder:
-            self.created_folder = False
+        """Remove the folders this lock created if nothing else was written to them."""
+        created, self.created = self.created, []
+        for folder in created:
             try:
-                os.rmdir(self.folder)
+                os.rmdir(folder)
             except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                    raise
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.EBUSY):
+                    return
+                raise

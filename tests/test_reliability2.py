@@ -311,3 +311,64 @@ def test_silent_hub_fails_in_one_line_within_seconds(kit, tmp_path, silent_serve
     assert lines[1].startswith("error: ") and "nobody/not-cached" in lines[1]
     assert seconds < 60, seconds
     assert not os.path.exists(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- every writer takes the lock
+def run_script(main, argv, capsys):
+    """A script's main in this process, through run_main: (exit status, stdout, stderr)."""
+    from rpo.cli import run_main
+    try:
+        run_main(lambda: main(argv))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def files_under(root):
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names}
+
+
+def test_every_writer_refuses_a_folder_another_run_holds(kit, scorer_weights, tmp_path, capsys):
+    import inference
+    import score
+    import tools.hpdv2_benchmark as hpdv2_tool
+    import tools.pickapic as pickapic_tool
+    from rpo.tiny.datasets import write_tiny_hpdv2, write_tiny_pickapic
+    from scores_fixtures import write_image_dir
+
+    images = write_image_dir(tmp_path / "images", seed=1)
+    pap, hpd = str(tmp_path / "pap"), str(tmp_path / "hpd")
+    write_tiny_pickapic(pap, seed=0)
+    write_tiny_hpdv2(hpd, seed=0)
+    out = tmp_path / "out"
+    cases = {  # name: (main, argv, the folder another run holds)
+        "inference.py": (inference.main, ["--pretrained_model_name_or_path", kit["sd15"], "--test_dataset_root",
+                                          kit["prompts"], "--output", str(out / "gen"), "--resolution", "32",
+                                          "--num_inference_steps", "1", "--mixed_precision", "no"], out / "gen"),
+        "score.py --dir": (score.main, ["--clip", "--dir", images, "--weights_dir", scorer_weights, "--output",
+                                        str(out / "tables")], images),
+        "score.py --output": (score.main, ["--clip", "--dir", images, "--weights_dir", scorer_weights, "--output",
+                                           str(out / "tables")], out / "tables"),
+        "tools.pickapic": (pickapic_tool.main, ["--dataset", pap, "--split", "validation", "--score", "clip",
+                                                "--weights_dir", scorer_weights, "--top", "2", "--num_proc", "0",
+                                                "--cache", str(out / "c1"), "--output", str(out / "pap")], out / "pap"),
+        "tools.hpdv2_benchmark": (hpdv2_tool.main, ["--repo", hpd, "--styles", "anime", "photo", "--score", "clip",
+                                                    "--weights_dir", scorer_weights, "--num_proc", "0", "--cache",
+                                                    str(out / "c2"), "--output", str(out / "hpd_{style}")],
+                                  out / "hpd_photo"),
+    }
+    for name, (main, argv, held) in cases.items():
+        first = holder(held, 120)
+        try:
+            before = files_under(tmp_path)
+            status, _, stderr = run_script(main, argv, capsys)
+            assert status == 2 and stderr.count("\n") == 1, (name, stderr[-2000:])
+            assert stderr.startswith("error: --") and f"{held} is in use by another run (pid {first.pid} on host" in stderr, name
+            assert files_under(tmp_path) == before, name                 # nothing written, nothing left behind
+        finally:
+            first.kill()
+            first.wait()
+        os.remove(lock_path(held))
