@@ -18,6 +18,7 @@ from rpo import lock as locks
 from rpo.cli import UserError
 from rpo.lock import DirectoryLock, held_by, lock_path
 from rpo.preempt import REQUEUE_EXIT, Preemption
+from test_reliability import MOUNT, tmpfs  # noqa: F401  (fixture: real tmpfs mounts, root only)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -372,3 +373,94 @@ def test_every_writer_refuses_a_folder_another_run_holds(kit, scorer_weights, tm
             first.kill()
             first.wait()
         os.remove(lock_path(held))
+
+
+# --------------------------------------------------------------------------- tools.export_pipeline
+def fake_run(kit, root, use_ema=True, folders=("unet",), name="ckpt-2"):
+    """A logdir as train.py leaves it, built by hand: `name`/<folders> hold the kit's UNet
+    (ema/ with every weight negated, so EMA and raw differ) and training_config.json the options."""
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    logdir = root / "log"
+    ckpt = logdir / name
+    for folder in folders:
+        shutil.copytree(os.path.join(kit["sd15"], "unet"), ckpt / folder)
+        if folder == "ema":
+            path = str(ckpt / folder / "diffusion_pytorch_model.safetensors")
+            save_file({k: -v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    (logdir / "training_config.json").write_text(json.dumps(
+        {"runs": [{"args": {"pretrained_model_name_or_path": kit["sd15"], "use_ema": use_ema}}]}))
+    return ckpt
+
+
+def exported_unet_equals(output, folder):
+    import torch
+    from safetensors.torch import load_file
+    got = load_file(os.path.join(output, "unet", "diffusion_pytorch_model.safetensors"))
+    want = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    return got.keys() == want.keys() and all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in want)
+
+
+def test_export_refuses_a_missing_ema_unless_raw_is_asked(kit, tmp_path, capsys):
+    import tools.export_pipeline as export
+    ckpt = fake_run(kit, tmp_path)                                      # use_ema, but ema/ is gone
+    status, _, stderr = run_script(export.main, ["--checkpoint", str(ckpt), "--output", str(tmp_path / "p")], capsys)
+    assert status == 2 and stderr.count("\n") == 1 and "has no ema/ (the run trained with --use_ema" in stderr
+    assert "pass --raw" in stderr and not os.path.exists(tmp_path / "p")
+    status, stdout, _ = run_script(export.main, ["--checkpoint", str(ckpt), "--output", str(tmp_path / "p"), "--raw"],
+                                   capsys)
+    assert status == 0 and exported_unet_equals(tmp_path / "p", ckpt / "unet")
+
+    other = tmp_path / "no_ema_run"
+    other.mkdir()
+    ckpt = fake_run(kit, other, use_ema=False)                          # --no-use_ema: unet/ is the model
+    assert run_script(export.main, ["--checkpoint", str(ckpt), "--output", str(other / "p")], capsys)[0] == 0
+    assert exported_unet_equals(other / "p", ckpt / "unet")
+
+    both = tmp_path / "both"
+    both.mkdir()
+    ckpt = fake_run(kit, both, folders=("unet", "ema"))
+    assert run_script(export.main, ["--checkpoint", str(ckpt), "--output", str(both / "p")], capsys)[0] == 0
+    assert exported_unet_equals(both / "p", ckpt / "ema") and not exported_unet_equals(both / "p", ckpt / "unet")
+
+
+def test_export_refuses_a_half_written_checkpoint(kit, tmp_path, capsys):
+    import tools.export_pipeline as export
+    ckpt = fake_run(kit, tmp_path, folders=("unet", "ema"), name=".tmp-ckpt-4")
+    status, _, stderr = run_script(export.main, ["--checkpoint", str(ckpt), "--output", str(tmp_path / "p")], capsys)
+    assert status == 2 and stderr.count("\n") == 1 and "still being written, or half-written" in stderr
+    assert "ckpt-4" in stderr and not os.path.exists(tmp_path / "p")
+
+
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_temporary(kit, tmp_path, capsys, monkeypatch):
+    """The write fails the ways a full disk fails it (ENOSPC from os.write, torch.save's
+    RuntimeError); the tmpfs test below uses a real full disk where mounting is allowed."""
+    import errno
+    import diffusers
+    import tools.export_pipeline as export
+    ckpt = fake_run(kit, tmp_path, folders=("unet", "ema"))
+    real = diffusers.DiffusionPipeline.save_pretrained
+    for failure in (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")):
+        def half_then_full(self, folder, *a, **k):
+            os.makedirs(os.path.join(folder, "unet"))
+            open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), "wb").write(b"\0" * 100)
+            raise failure
+        monkeypatch.setattr(diffusers.DiffusionPipeline, "save_pretrained", half_then_full)
+        out = tmp_path / "exports" / "p"
+        status, _, stderr = run_script(export.main, ["--checkpoint", str(ckpt), "--output", str(out)], capsys)
+        assert status == 2 and stderr.count("\n") == 1, stderr
+        assert stderr.startswith(f"error: No space left on device writing the exported pipeline to {out}: it needs about ")
+        assert os.listdir(tmp_path / "exports") == []                  # no .p.tmp-export left
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "save_pretrained", real)
+    assert run_script(export.main, ["--checkpoint", str(ckpt), "--output", str(out)], capsys)[0] == 0
+
+
+def test_export_on_a_real_full_disk(kit, tmp_path, tmpfs, capsys):
+    import tools.export_pipeline as export
+    ckpt = fake_run(kit, tmp_path, folders=("unet", "ema"))
+    root = tmpfs(size="1m", keep=64 * 1024)                             # the probe fits, the pipeline does not
+    status, _, stderr = run_script(export.main, ["--checkpoint", str(ckpt), "--output", os.path.join(root, "p")], capsys)
+    assert status == 2 and stderr.count("\n") == 1 and os.path.join(root, "p") in stderr and "needs about" in stderr
+    assert sorted(os.listdir(root)) == [".filler"]

@@ -16,7 +16,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
 from rpo.cli import UserError
-from rpo.io import write_json
+from rpo.io import disk_space_guard, write_json
 
 CKPT = re.compile(r"^ckpt-(\d+)$")
 
@@ -51,6 +51,24 @@ def begin(logdir, step):
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     return path
+
+
+def tensor_bytes(*state_dicts):
+    """Bytes the tensors of `state_dicts` take on disk, about (what a checkpoint's weights need)."""
+    return sum(t.numel() * t.element_size() for sd in state_dicts for t in sd.values() if torch.is_tensor(t))
+
+
+def disk_guard(logdir, step, needed):
+    """Wrap the writing of checkpoint `step` (between `begin` and `commit`): a full disk
+    becomes one UserError line naming the logdir, the space the checkpoint needs (`needed`
+    bytes, e.g. from `tensor_bytes`: weights, EMA, optimizer state) and the space free, and
+    `.tmp-ckpt-<step>` is removed; earlier checkpoints stay as they were.
+
+        with checkpoint.disk_guard(logdir, step, needed):
+            ...write into checkpoint.tmp_dir(logdir, step)...
+    """
+    return disk_space_guard(logdir, needed, f"checkpoint {step}",
+                            cleanup=lambda: shutil.rmtree(tmp_dir(logdir, step), ignore_errors=True))
 
 
 def commit(logdir, step, keep, keep_weights=None):
