@@ -212,7 +212,7 @@ def generate_into(args, state, captions):
     settings = settings_of(args, pipe, resolution, len(captions))
     jobs, done = generate.plan(args.output, len(captions), args.num_images_per_prompt, args.seed)
     manifest = generate.read_manifest(args.output)
-    memo = dict((manifest or {}).get("weight_hashes", {}))  # unchanged files (size, mtime) are not re-read
+    memo = dict((manifest or {}).get("weight_hashes", {}))  # unchanged files (size, mtime, inode, ctime) are not re-read
     weights = weights_of(args, memo)
     warnings = [check_weights(args.output, manifest, weights)]
     if manifest is not None:  # weights compared above, by part; check_manifest compares the rest

@@ -157,25 +157,34 @@ def offline_unless_hub_reachable(sources, timeout=None):
 WEIGHT_EXTENSIONS = (".safetensors", ".bin")  # diffusers' and transformers' weight files (sharded ones too)
 
 
+def file_identity(stat):
+    """What changes whenever a file's bytes may have: size, mtime, and also the inode (a
+    file replaced by a rename or a copy) and the ctime (set by the kernel on every write or
+    utime call, so `cp -p`, `rsync -t` or `touch -r` restoring the old mtime still change it)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
 def file_sha256(path, memo=None):
-    """sha256 of the whole file; `memo` ({real path: [size, mtime_ns, sha256]}, e.g. from
-    the previous run's manifest) skips re-reading a file whose size and mtime are unchanged.
+    """sha256 of the whole file; `memo` ({real path: [size, mtime_ns, inode, ctime_ns,
+    sha256]}, e.g. from the previous run's manifest) skips re-reading a file whose identity
+    (`file_identity`) is unchanged: one stat per file, nothing per image.
 
     Whole-file hashes because a head/tail hash misses a fine-tune that changed only middle
     tensors (attention-only training leaves conv_in and the last blocks byte-identical);
     the memo keeps reruns cheap (~500 MB/s hashing here: 4 GB of SD1.5 weights ~8 s, once).
-    Replacing a file, even by `cp -p`, gives it another mtime_ns, so it is hashed afresh.
+    Memo entries of the older [size, mtime_ns, sha256] form never match: hashed afresh once.
     """
     real = os.path.realpath(path)
-    stat = os.stat(real)
-    if memo is not None and memo.get(real, [None])[:2] == [stat.st_size, stat.st_mtime_ns]:
-        return memo[real][2]
+    identity = file_identity(os.stat(real))
+    entry = memo.get(real) if memo is not None else None
+    if isinstance(entry, list) and len(entry) == len(identity) + 1 and entry[:-1] == identity:
+        return entry[-1]
     digest = hashlib.sha256()
     with open(real, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     if memo is not None:
-        memo[real] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        memo[real] = [*identity, digest.hexdigest()]
     return digest.hexdigest()
 
 

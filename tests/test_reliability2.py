@@ -464,3 +464,39 @@ def test_export_on_a_real_full_disk(kit, tmp_path, tmpfs, capsys):
     status, _, stderr = run_script(export.main, ["--checkpoint", str(ckpt), "--output", os.path.join(root, "p")], capsys)
     assert status == 2 and stderr.count("\n") == 1 and os.path.join(root, "p") in stderr and "needs about" in stderr
     assert sorted(os.listdir(root)) == [".filler"]
+
+
+# --------------------------------------------------------------------------- weights swapped, size and mtime kept
+def test_weights_swapped_with_the_same_size_and_mtime_are_refused(kit, tmp_path, capsys):
+    """Issue 26, finding 3: the memo was keyed by size + mtime, so a copy preserving both passed."""
+    import shutil
+    import hashlib
+    import torch
+    from safetensors.torch import load_file, save_file
+    import inference
+    from test_inference import argv
+    unet = tmp_path / "unet"
+    shutil.copytree(os.path.join(kit["sd15"], "unet"), unet)
+    out = tmp_path / "out"
+    args = argv(kit, out, "--unet", str(unet), "--num_images_per_prompt", "1")
+    assert run_script(inference.main, args, capsys)[0] == 0
+    (file,) = [n for n in os.listdir(unet) if n.endswith(".safetensors")]
+    path = unet / file
+    memo = json.load(open(out / "manifest.json"))["weight_hashes"][os.path.realpath(path)]
+    assert memo[-1] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    other = tmp_path / "other.safetensors"                              # another model, same size
+    tensors = load_file(str(path))
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(other), metadata={"format": "pt"})
+    stat = os.stat(path)
+    assert os.path.getsize(other) == stat.st_size
+    shutil.copyfile(other, path)                                        # in place: the same inode
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))             # and the old mtime, as cp -p leaves it
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns, os.stat(path).st_ino) == \
+        (stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    before = files_under(out)
+    status, _, stderr = run_script(inference.main, args, capsys)
+    assert status == 2 and stderr.count("\n") == 1 and "the UNet weights changed" in stderr and file in stderr
+    assert files_under(out) == before
