@@ -500,3 +500,77 @@ def test_weights_swapped_with_the_same_size_and_mtime_are_refused(kit, tmp_path,
     status, _, stderr = run_script(inference.main, args, capsys)
     assert status == 2 and stderr.count("\n") == 1 and "the UNet weights changed" in stderr and file in stderr
     assert files_under(out) == before
+
+
+# --------------------------------------------------------------------------- tools.recover_ema
+def run_recover(logdir, capsys):
+    import tools.recover_ema as recover
+    return run_script(recover.main, ["--logdir", str(logdir)], capsys)
+
+
+def bug_run(root, model, name="ckpt-4", layout="old"):
+    """A checkpoint as the buggy trainer left it: unet/ and ema/ byte copies of `model`'s
+    weights, the real EMA (here: every parameter halved) only in state/trainer.pt."""
+    import shutil
+    import torch
+    from rpo.training.checkpoint import write_model_folder
+    ckpt = root / "log" / name
+    write_model_folder(str(ckpt / "unet"), model=model, state_dict=model.state_dict())
+    shutil.copytree(ckpt / "unet", ckpt / "ema")
+    names = [n for n, _ in model.named_parameters()]
+    shadows = [p.detach() * 0.5 for _, p in model.named_parameters()]
+    ema = {"shadow_params": shadows, "decay": 0.9999}
+    (ckpt / "state").mkdir()
+    torch.save({"step": 4, "ema": ema if layout == "old" else {"names": names, "ema": ema}},
+               ckpt / "state" / "trainer.pt")
+    return ckpt, dict(zip(names, shadows))
+
+
+def test_recover_ema_leaves_a_right_ema_and_lora_runs_alone(kit, tmp_path, capsys):
+    ckpt = fake_run(kit, tmp_path, folders=("unet", "ema"))             # written by the fixed trainer
+    lora = tmp_path / "log" / "ckpt-6"
+    for folder in ("lora", "lora_ema"):
+        (lora / folder).mkdir(parents=True)
+        (lora / folder / "pytorch_lora_weights.safetensors").write_bytes(b"adapter")
+    before = files_under(tmp_path / "log")
+    status, stdout, stderr = run_recover(tmp_path / "log", capsys)
+    assert status == 0, stderr
+    lines = stdout.strip().splitlines()
+    assert lines[0] == f"{ckpt}: ema/ differs from unet/, so it holds the EMA already (the bug made it a byte copy): left as it is"
+    assert lines[1].startswith(f"{lora}: a LoRA checkpoint") and "nothing to do" in lines[1]
+    assert "cannot be recovered" not in stdout and files_under(tmp_path / "log") == before
+
+
+def test_recover_ema_on_an_sd3_run(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from rpo.tiny.sd3 import tiny_sd3_transformer
+    torch.manual_seed(0)
+    ckpt, shadows = bug_run(tmp_path, tiny_sd3_transformer())
+    raw = load_file(str(ckpt / "unet" / "diffusion_pytorch_model.safetensors"))
+    status, stdout, stderr = run_recover(tmp_path / "log", capsys)
+    assert status == 0 and stdout.startswith(f"{ckpt}: ema/ rewritten from state/trainer.pt"), stderr
+    ema = load_file(str(ckpt / "ema" / "diffusion_pytorch_model.safetensors"))
+    assert ema.keys() == raw.keys()
+    assert all(torch.equal(ema[k], shadows[k]) if k in shadows else torch.equal(ema[k], raw[k]) for k in raw)
+    assert json.load(open(ckpt / "ema" / "config.json"))["_class_name"] == "SD3Transformer2DModel"
+    status, stdout, _ = run_recover(tmp_path / "log", capsys)            # a second pass: already right
+    assert status == 0 and "holds the EMA already" in stdout
+
+
+def test_recover_ema_on_truncated_files_is_one_line(kit, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+    ckpt, _ = bug_run(tmp_path, UNet2DConditionModel.from_pretrained(kit["sd15"], subfolder="unet"))
+    weights = ckpt / "ema" / "diffusion_pytorch_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    before = files_under(tmp_path / "log")
+    status, _, stderr = run_recover(tmp_path / "log", capsys)
+    assert status == 2 and stderr.count("\n") == 1 and f"{weights} is unreadable" in stderr and "truncated" in stderr
+    weights.write_bytes(data)
+    marker = ckpt / "state" / "trainer.pt"
+    marker.write_bytes(marker.read_bytes()[:100])
+    status, _, stderr = run_recover(tmp_path / "log", capsys)
+    assert status == 2 and stderr.count("\n") == 1 and f"{marker} is unreadable" in stderr
+    assert files_under(tmp_path / "log") == {**before, "ckpt-4/ema/diffusion_pytorch_model.safetensors": data,
+                                             "ckpt-4/state/trainer.pt": marker.read_bytes()}
