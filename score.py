@@ -17,8 +17,9 @@ scores.json adds wins, ties and losses apart and a bootstrap 95 % interval per m
 win rates, a per-prompt gallery of thumbnails; rpo/scores/html_report.py).
 
 Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py),
-appended batch by batch while scoring: a rerun, even of a killed run, scores only new,
-changed or missing images. Every dir and `--output` must be writable (checked first). Each scorer is loaded once for all dirs; with
+appended batch by batch while scoring: a rerun, even of a killed run, scores only the
+batches holding new, changed or missing images (each whole, as a fresh run batches it, so the
+scores are bit-identical to a fresh run's; rpo/scores/loop.py). Every dir and `--output` must be writable (checked first). Each scorer is loaded once for all dirs; with
 several processes each scores its share and the results are gathered in a fixed order, so
 the tables do not depend on the number of processes.
 """

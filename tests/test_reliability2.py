@@ -574,3 +574,135 @@ def test_recover_ema_on_truncated_files_is_one_line(kit, tmp_path, capsys):
     assert status == 2 and stderr.count("\n") == 1 and f"{marker} is unreadable" in stderr
     assert files_under(tmp_path / "log") == {**before, "ckpt-4/ema/diffusion_pytorch_model.safetensors": data,
                                              "ckpt-4/state/trainer.pt": marker.read_bytes()}
+
+
+# --------------------------------------------------------------------------- decompression bombs
+def bomb_png(side=20000):
+    """A PNG whose header claims side x side pixels (400 M for 20,000): Pillow refuses it when
+    opening (DecompressionBombError, not an OSError), so a few bytes are enough."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_in_expert_data_is_one_line_naming_it(kit, tmp_path):
+    import shutil
+    from rpo.data.folders import ExpertDataset
+    root = tmp_path / "experts"
+    shutil.copytree(kit["experts"], root)
+    folder = sorted(p for p in root.iterdir() if p.is_dir())[1]
+    (image,) = [p for p in folder.iterdir() if p.suffix in (".png", ".jpg", ".jpeg", ".webp")]
+    image.unlink()
+    bomb = folder / "bomb.png"
+    bomb.write_bytes(bomb_png())
+    with pytest.raises(UserError) as refused:
+        ExpertDataset(str(root), resolution=16)
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith(f"unreadable image {bomb}: ") and "400000000 pixels" in line
+
+
+def test_decompression_bomb_in_a_score_folder_is_named_and_excluded(scorer_weights, tmp_path, capsys):
+    import glob
+    import score
+    from scores_fixtures import write_image_dir
+    a = write_image_dir(tmp_path / "a", seed=2)
+    bomb = sorted(glob.glob(os.path.join(a, "*", "*.png")))[2]
+    open(bomb, "wb").write(bomb_png())
+    status, _, stderr = run_script(score.main, ["--clip", "--dir", a, "--weights_dir", scorer_weights, "--num_workers",
+                                                "0", "--output", str(tmp_path / "out")], capsys)
+    assert status == 0, stderr[-2000:]
+    (line,) = [l for l in stderr.splitlines() if l.startswith("warning:")]
+    assert line.startswith(f"warning: unreadable image, excluded: {bomb} (DecompressionBombError: ")
+    table = json.load(open(tmp_path / "out" / "scores.json"))["dirs"][0]
+    assert table["failed"] == 1 and table["unreadable"] == [bomb] and len(table["scores"]) == table["images"] - 1
+
+
+def test_decompression_bomb_in_an_hpdv2_tarball_is_named(tmp_path, capsys, monkeypatch):
+    import io
+    import tarfile
+    import tools.hpdv2_benchmark as tool
+    from fake_scorer import FakeScorer
+    from rpo.tiny.datasets import HPDV2_MODELS, write_tiny_hpdv2
+    monkeypatch.setattr(tool, "load_scorer", lambda name, **kw: FakeScorer())
+    repo = tmp_path / "hpd"
+    write_tiny_hpdv2(str(repo), seed=0)
+    model = HPDV2_MODELS[0]
+    tarball = repo / "benchmark" / "benchmark_imgs" / f"{model}.tar.gz"
+    with tarfile.open(tarball) as tar:
+        members = [(m, tar.extractfile(m).read() if m.isfile() else None) for m in tar.getmembers()]
+    victim = sorted(m.name for m, _ in members if m.isfile() and "/anime/" in m.name)[0]
+    with tarfile.open(tarball, "w:gz") as tar:
+        for member, data in members:
+            if member.name == victim:
+                data = bomb_png()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    status, stdout, stderr = run_script(tool.main, ["--cache", str(tmp_path / "c"), "--repo", str(repo), "--styles",
+                                                    "anime", "--num_proc", "0", "--output", str(tmp_path / "o")], capsys)
+    assert status == 0, stderr[-2000:]
+    (line,) = [l for l in stdout.splitlines() if "unreadable" in l]
+    assert line.startswith(f"anime: skipped 1 unreadable image(s), e.g. model {model} prompt ")
+    assert victim.split("/", 1)[1] in line and "DecompressionBombError" in line
+
+
+# --------------------------------------------------------------------------- score.py: resumed == uninterrupted
+def recording_batches(monkeypatch):
+    """{image pixels' hash: the set of hashes it was scored with} for every PickScore forward."""
+    import hashlib
+    from rpo.scores import pickscore
+    seen = []
+    inner = pickscore.PickScore.score_tensors
+
+    def recorded(self, pixels, prompts):
+        rows = [hashlib.sha256(p.numpy().tobytes()).hexdigest() for p in pixels]
+        seen.append(rows)
+        return inner(self, pixels, prompts)
+    monkeypatch.setattr(pickscore.PickScore, "score_tensors", recorded)
+    return seen
+
+
+def test_resumed_scoring_equals_an_uninterrupted_run(scorer_weights, tmp_path, capsys, monkeypatch):
+    """Issue 26, finding 3b: after a full disk, a batch whose images were partly cached was
+    scored as a smaller batch, and a forward rounds differently with another batch."""
+    import errno
+    import shutil
+    import score
+    from rpo.data import score_cache
+    from scores_fixtures import write_image_dir
+    dirs = [write_image_dir(tmp_path / "a", seed=11), write_image_dir(tmp_path / "b", seed=12)]  # 6 + 6 images
+    for d in dirs:
+        shutil.copytree(d, tmp_path / "fresh" / os.path.basename(d))
+    flags = ["--pickscore", "--batch_size", "4", "--num_workers", "0", "--weights_dir", scorer_weights]
+    batches = recording_batches(monkeypatch)
+
+    def argv(folders, out):
+        return flags + [x for d in folders for x in ("--dir", str(d))] + ["--output", str(tmp_path / out)]
+
+    fresh = [tmp_path / "fresh" / "a", tmp_path / "fresh" / "b"]
+    assert run_script(score.main, argv(fresh, "one_shot"), capsys)[0] == 0
+    one_shot = {row: set(batch) for batch in batches for row in batch}
+    assert sorted(len(b) for b in batches) == [4, 4, 4]                # a0-a3 | a4 a5 b0 b1 | b2-b5
+
+    real_write = os.write                                              # b's side file meets a full disk:
+    def write(fd, data):                                               # batch 2 is kept for a, lost for b
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.startswith(str(tmp_path / "b")) and path.endswith(".jsonl"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+    monkeypatch.setattr(score_cache.os, "write", write)
+    status, _, stderr = run_script(score.main, argv(dirs, "interrupted"), capsys)
+    assert status == 2 and "No space left on device writing" in stderr and "rank0.jsonl" in stderr
+    monkeypatch.setattr(score_cache.os, "write", real_write)
+    assert len(score.read_cache(dirs[0])["pickscore@" + json.load(open(tmp_path / "one_shot" / "scores.json"))
+                                        ["metrics"]["pickscore"]]) == 6 and score.read_cache(dirs[1]) == {}
+
+    batches.clear()
+    assert run_script(score.main, argv(dirs, "resumed"), capsys)[0] == 0
+    assert batches and all(set(batch) == one_shot[row] for batch in batches for row in batch)  # the same batches
+    got = [d["scores"] for d in json.load(open(tmp_path / "resumed" / "scores.json"))["dirs"]]
+    want = [d["scores"] for d in json.load(open(tmp_path / "one_shot" / "scores.json"))["dirs"]]
+    assert got == want                                                 # exactly: no tolerance

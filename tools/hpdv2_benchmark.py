@@ -123,7 +123,8 @@ def build(args, rank, world, device, barrier):
         count, entries = table[style]
         for index, prompt, images in entries:
             scored = [(scores.get((key(style, index, m), prompt)), m, p) for m, p in images]
-            unreadable += [(m, index) for m, p in images if (key(style, index, m), prompt) in scores.errors]
+            unreadable += [(m, index, p, scores.errors[(key(style, index, m), prompt)]) for m, p in images
+                           if (key(style, index, m), prompt) in scores.errors]
             scored = [s for s in scored if s[0] is not None]
             if not scored:
                 stats["without image"] += 1
@@ -142,8 +143,9 @@ def build(args, rank, world, device, barrier):
               f"{stats['without image']} without a readable image); mean best {metric_version} "
               f"{statistics.fmean(i[4]['score'] for i in items):.4f}; winners: {winners}")
         if unreadable:
-            print(f"{style}: skipped {len(unreadable)} unreadable image(s), e.g. model {unreadable[0][0]} "
-                  f"prompt {unreadable[0][1]}")
+            model, index, path, error = unreadable[0]
+            print(f"{style}: skipped {len(unreadable)} unreadable image(s), e.g. model {model} prompt {index}: "
+                  f"{path} ({error})")
         print(f"{style}: wrote {written} item(s) to {output}, {present} already there")
         results[style] = items
     return results
