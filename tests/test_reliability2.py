@@ -706,3 +706,48 @@ def test_resumed_scoring_equals_an_uninterrupted_run(scorer_weights, tmp_path, c
     got = [d["scores"] for d in json.load(open(tmp_path / "resumed" / "scores.json"))["dirs"]]
     want = [d["scores"] for d in json.load(open(tmp_path / "one_shot" / "scores.json"))["dirs"]]
     assert got == want                                                 # exactly: no tolerance
+
+
+# --------------------------------------------------------------------------- a forged state
+class Payload:
+    """What a malicious optimizer.bin holds: unpickling it would run a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_forged_checksums_and_a_pickle_in_optimizer_bin_are_one_line(tmp_path):
+    """Issue 26, finding 7: the checksums match (forged with the file), torch's weights-only
+    loader refuses the payload, and that refusal is one line naming the file."""
+    import torch
+    from accelerate import Accelerator
+    from rpo.training import checkpoint
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    ckpt = tmp_path / "ckpt-2"
+    state_dir = ckpt / "state"
+    accelerator.save_state(str(state_dir))
+    checkpoint.load_accelerator_state(accelerator, str(state_dir))      # the genuine state loads
+
+    marker = tmp_path / "pwned"
+    optimizer_bin = state_dir / "optimizer.bin"
+    assert optimizer_bin.exists()
+    torch.save({"state": Payload(marker), "param_groups": []}, optimizer_bin)
+    checkpoint.write_checksums(str(state_dir))                          # forged along with it
+    assert checkpoint.verify_checksums(str(ckpt)) is None
+    with pytest.raises(UserError) as refused:
+        checkpoint.load_accelerator_state(accelerator, str(state_dir))
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith(f"--resume: {optimizer_bin} holds a pickle that would run code")
+    assert "system" in line and not marker.exists()
+    with pytest.raises(UserError, match=f"--resume: {state_dir / 'trainer.pt'} holds a pickle that would run code"):
+        torch.save({"step": Payload(marker)}, state_dir / "trainer.pt")
+        checkpoint.load_torch(str(state_dir / "trainer.pt"))
+    assert not marker.exists()

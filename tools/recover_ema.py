@@ -83,7 +83,7 @@ def state_of(ckpt, marker):
     try:
         trainer = torch.load(marker, weights_only=True)
     except Exception as e:  # truncated, corrupt or not a plain-data pickle
-        raise UserError(f"{marker} is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(f"{marker} is unreadable: {checkpoint.refusal(marker, e)}") from None
     return saved_shadows(trainer)
 
 

@@ -112,7 +112,7 @@ def check_resume(trainer, *, path, world, args, invariants, defaults=None):
 def load_checkpoint(*, path, trainer, accelerator, params, ema, state):
     """Restore what `save_checkpoint` wrote into the prepared objects and `state`."""
     state_dir = os.path.join(path, "state")
-    accelerator.load_state(state_dir)
+    checkpoint.load_accelerator_state(accelerator, state_dir)  # a forged pickle: one line naming the file
     if ema is not None:
         ema.load_state_dict(trainer["ema"], device=accelerator.device)
     state.load_rank_state_dict(checkpoint.load_torch(os.path.join(state_dir, f"rank{accelerator.process_index}.pt")))
