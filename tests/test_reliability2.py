@@ -751,3 +751,36 @@ def test_forged_checksums_and_a_pickle_in_optimizer_bin_are_one_line(tmp_path):
         torch.save({"step": Payload(marker)}, state_dir / "trainer.pt")
         checkpoint.load_torch(str(state_dir / "trainer.pt"))
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- the Pick-a-Pic score cache
+def test_pickapic_cache_with_malformed_lines_rescores_them(tmp_path, capsys, monkeypatch):
+    """Issue 26, finding 8: a non-numeric score or a list as key was a traceback; score.py's
+    cache drops such lines and rescores, the dataset tool's now does too."""
+    import glob
+    import shutil
+    import tools.pickapic as tool
+    from fake_scorer import FakeScorer
+    from rpo.tiny.datasets import write_tiny_pickapic
+    monkeypatch.setattr(tool, "load_scorer", lambda name, **kw: FakeScorer())
+    pap = str(tmp_path / "pap")
+    write_tiny_pickapic(pap, seed=0)
+    common = ["--dataset", pap, "--split", "train", "--top", "6", "--no-preferred", "--num_proc", "0",
+              "--cache", str(tmp_path / "c")]
+    FakeScorer.scored, FakeScorer.fail_after = 0, None
+    assert run_script(tool.main, common + ["--output", str(tmp_path / "o1")], capsys)[0] == 0
+    (part,) = glob.glob(str(tmp_path / "c" / "pickapic" / "scores" / "*.jsonl"))
+    lines = [json.loads(line) for line in open(part)]
+    lines[0]["score"] = "0.5x"                                          # not a number
+    lines[1]["key"] = [lines[1]["key"]]                                 # a list as key
+    lines[2]["score"] = True                                            # a bool
+    lines[3] = {"key": lines[3]["key"], "caption": lines[3]["caption"]}  # neither score nor error
+    with open(part, "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    FakeScorer.scored = 0
+    status, _, stderr = run_script(tool.main, common + ["--output", str(tmp_path / "o2")], capsys)
+    assert status == 0, stderr[-2000:]
+    assert FakeScorer.scored == 4                                       # exactly the four bad lines' pairs
+    (warning,) = [l for l in stderr.splitlines() if l.startswith("warning:")]
+    assert "skipped 4 malformed line(s)" in warning and os.path.basename(part) in warning
+    assert files_under(tmp_path / "o2") == files_under(tmp_path / "o1")
