@@ -174,6 +174,7 @@ def main(argv=None):
     # Cheap checks first: bad paths fail in the first second, before any weight loads.
     captions = [item.caption for item in PromptDataset(args.test_dataset_root, what="--test_dataset_root").items]
     generate.check_unet_path(args.unet, args.unet_subfolder)
+    generate.check_unet_weights(args.unet, args.unet_subfolder, args.unet_variant)  # a half-saved UNet: one line
     check_lora_path(args.lora)
     check_pipeline_folder(args.pretrained_model_name_or_path, sdxl=args.sdxl)
     generate.check_output(args.output)

@@ -784,3 +784,32 @@ def test_pickapic_cache_with_malformed_lines_rescores_them(tmp_path, capsys, mon
     (warning,) = [l for l in stderr.splitlines() if l.startswith("warning:")]
     assert "skipped 4 malformed line(s)" in warning and os.path.basename(part) in warning
     assert files_under(tmp_path / "o2") == files_under(tmp_path / "o1")
+
+
+# --------------------------------------------------------------------------- inference.py --unet, half saved
+def test_unet_with_half_its_tensors_is_one_line(kit, tmp_path, capsys):
+    """Issue 26, finding 10: diffusers left the missing tensors on the meta device and failed
+    with "Cannot copy out of meta tensor"."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    import inference
+    from test_inference import argv
+    unet = tmp_path / "unet"
+    shutil.copytree(os.path.join(kit["sd15"], "unet"), unet)
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    names = sorted(tensors)
+    save_file({k: tensors[k] for k in names[::2]}, str(weights), metadata={"format": "pt"})
+    status, _, stderr = run_script(inference.main, argv(kit, tmp_path / "out", "--unet", str(unet)), capsys)
+    assert status == 2 and stderr.count("\n") == 1, stderr[-2000:]
+    assert f"--unet {unet}: its weights lack {len(names) - len(names[::2])} of the {len(names)} tensors" in stderr
+    assert names[1] in stderr and not os.path.exists(tmp_path / "out")
+
+    save_file(tensors, str(weights), metadata={"format": "pt"})                # whole, then truncated
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    status, _, stderr = run_script(inference.main, argv(kit, tmp_path / "out", "--unet", str(unet)), capsys)
+    assert status == 2 and stderr.count("\n") == 1 and f"{weights} is unreadable" in stderr
+
+    weights.write_bytes(data)                                           # whole again: it runs
+    assert run_script(inference.main, argv(kit, tmp_path / "out", "--unet", str(unet)), capsys)[0] == 0
