@@ -813,3 +813,54 @@ def test_unet_with_half_its_tensors_is_one_line(kit, tmp_path, capsys):
 
     weights.write_bytes(data)                                           # whole again: it runs
     assert run_script(inference.main, argv(kit, tmp_path / "out", "--unet", str(unet)), capsys)[0] == 0
+
+
+# --------------------------------------------------------------------------- a full disk while checkpointing
+def write_checkpoint_into(logdir, step, tensors):
+    """What a checkpoint save does, in miniature: begin, weights (safetensors), state (torch.save), commit."""
+    import torch
+    from safetensors.torch import save_file
+    from rpo.training import checkpoint
+    with checkpoint.disk_guard(str(logdir), step, 2 * checkpoint.tensor_bytes(tensors)):
+        path = checkpoint.begin(str(logdir), step)
+        os.makedirs(os.path.join(path, "unet"))
+        save_file(tensors, os.path.join(path, "unet", "diffusion_pytorch_model.safetensors"))
+        os.makedirs(os.path.join(path, "state"))
+        torch.save(tensors, os.path.join(path, "state", "optimizer.bin"))
+        checkpoint.commit(str(logdir), step, keep=1)
+
+
+def test_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tmpfs):
+    import torch
+    logdir = tmpfs(size="2m")
+    write_checkpoint_into(logdir, 1, {"w": torch.zeros(64 * 1024)})     # 256 KB x 2: fits
+    before = files_under(logdir)
+    with pytest.raises(UserError) as refused:
+        write_checkpoint_into(logdir, 2, {"w": torch.ones(256 * 1024)})  # 1 MB x 2: does not
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith(f"No space left on device writing checkpoint 2 to {logdir}: it needs "
+                                                "about 2.0 MB")
+    assert sorted(os.listdir(logdir)) == ["ckpt-1"] and files_under(logdir) == before  # no .tmp-ckpt-2
+
+
+@pytest.mark.parametrize("failure", ["safetensors", "torch.save"])
+def test_full_disk_while_checkpointing_as_the_libraries_word_it(tmp_path, monkeypatch, failure):
+    """Without a mount: the errors torch.save and safetensors raise on ENOSPC (read off a real
+    full tmpfs: RuntimeError "unexpected pos", SafetensorError "No space left ... (os error 28)")."""
+    import torch
+    import safetensors.torch
+    from safetensors import SafetensorError
+    write_checkpoint_into(tmp_path, 1, {"w": torch.zeros(16)})
+    before = files_under(tmp_path)
+    if failure == "torch.save":
+        def full(obj, f, *a, **k):
+            open(f, "wb").write(b"PK\x03\x04 half")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        monkeypatch.setattr(torch, "save", full)
+    else:
+        def full(tensors, path, *a, **k):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(UserError, match=f"^No space left on device writing checkpoint 2 to {tmp_path}: it needs"):
+        write_checkpoint_into(tmp_path, 2, {"w": torch.ones(16)})
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-1"] and files_under(tmp_path) == before
