@@ -864,3 +864,45 @@ def test_full_disk_while_checkpointing_as_the_libraries_word_it(tmp_path, monkey
     with pytest.raises(UserError, match=f"^No space left on device writing checkpoint 2 to {tmp_path}: it needs"):
         write_checkpoint_into(tmp_path, 2, {"w": torch.ones(16)})
     assert sorted(os.listdir(tmp_path)) == ["ckpt-1"] and files_under(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- one rank dies
+RANK_DIES = """
+import os, signal, sys, time
+import torch
+from accelerate import Accelerator
+from rpo.cli import UserError, run_main
+def main():
+    accelerator = Accelerator(cpu=True)
+    if accelerator.process_index == 1:
+        time.sleep(0.5)
+        if sys.argv[1] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)                        # out of memory, say
+        raise UserError("--train_dataset_root /nowhere: folder not found")
+    t = torch.ones(1)
+    for _ in range(20):
+        torch.distributed.all_reduce(t)                                 # rank 0 waits for rank 1 here
+        time.sleep(0.5)
+run_main(main)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["error", "kill"])
+def test_a_rank_that_dies_is_named_by_the_survivor_in_one_line(tmp_path, how):
+    """Issue 26, finding 11: the surviving rank printed a gloo traceback; now one line naming
+    the rank that stopped and its own message (the launcher's report after it is torch's)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANK_DIES)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), how],
+                            capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert not any(line.startswith("[rank0]:") for line in result.stderr.splitlines()), result.stderr[-3000:]
+    if how == "error":
+        assert errors == ["error: --train_dataset_root /nowhere: folder not found",
+                          "error: rank 0: rank 1 stopped (--train_dataset_root /nowhere: folder not found), "
+                          "so this rank stops too"], result.stderr[-3000:]
+    else:
+        assert len(errors) == 1 and errors[0].startswith("error: rank 0: another rank of this run stopped without a "
+                                                         "word"), result.stderr[-3000:]
