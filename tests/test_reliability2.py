@@ -18,7 +18,7 @@ from rpo import lock as locks
 from rpo.cli import UserError
 from rpo.lock import DirectoryLock, held_by, lock_path
 from rpo.preempt import REQUEUE_EXIT, Preemption
-from test_reliability import MOUNT, tmpfs  # noqa: F401  (fixture: real tmpfs mounts, root only)
+from test_reliability import tmpfs  # noqa: F401,F811  (fixture: real tmpfs mounts, root only)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
@@ -380,7 +380,6 @@ def fake_run(kit, root, use_ema=True, folders=("unet",), name="ckpt-2"):
     """A logdir as train.py leaves it, built by hand: `name`/<folders> hold the kit's UNet
     (ema/ with every weight negated, so EMA and raw differ) and training_config.json the options."""
     import shutil
-    import torch
     from safetensors.torch import load_file, save_file
     logdir = root / "log"
     ckpt = logdir / name
@@ -471,7 +470,6 @@ def test_weights_swapped_with_the_same_size_and_mtime_are_refused(kit, tmp_path,
     """Issue 26, finding 3: the memo was keyed by size + mtime, so a copy preserving both passed."""
     import shutil
     import hashlib
-    import torch
     from safetensors.torch import load_file, save_file
     import inference
     from test_inference import argv
@@ -758,7 +756,6 @@ def test_pickapic_cache_with_malformed_lines_rescores_them(tmp_path, capsys, mon
     """Issue 26, finding 8: a non-numeric score or a list as key was a traceback; score.py's
     cache drops such lines and rescores, the dataset tool's now does too."""
     import glob
-    import shutil
     import tools.pickapic as tool
     from fake_scorer import FakeScorer
     from rpo.tiny.datasets import write_tiny_pickapic
