@@ -903,3 +903,16 @@ def test_a_rank_that_dies_is_named_by_the_survivor_in_one_line(tmp_path, how):
     else:
         assert len(errors) == 1 and errors[0].startswith("error: rank 0: another rank of this run stopped without a "
                                                          "word"), result.stderr[-3000:]
+
+
+def test_recover_ema_waits_for_no_run_it_would_race(kit, tmp_path, capsys):
+    """A logdir another process holds (a training run) is left alone, in one line."""
+    ckpt = fake_run(kit, tmp_path, folders=("unet", "ema"))
+    first = holder(ckpt.parent, 60)
+    try:
+        status, stdout, stderr = run_recover(ckpt.parent, capsys)
+        assert status == 2 and stdout == "" and stderr.count("\n") == 1
+        assert f"--logdir {ckpt.parent} is in use by another run (pid {first.pid}" in stderr
+    finally:
+        first.kill()
+        first.wait()

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from rpo.cli import UserError, run_main
+from rpo.lock import DirectoryLock
 from rpo.training import checkpoint
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"  # what rpo's write_model_folder (and the old save_pretrained) wrote
@@ -137,11 +138,12 @@ def main(argv=None):
     if not found:
         raise UserError(f"--logdir {args.logdir}: no ckpt-N folders")
     failed = []
-    for _, path in found:  # one bad checkpoint does not stop the others
-        try:
-            print(recover(path), flush=True)
-        except UserError as e:
-            failed.append(str(e))
+    with DirectoryLock(args.logdir, what="--logdir", create=False):  # not while a run writes into it
+        for _, path in found:  # one bad checkpoint does not stop the others
+            try:
+                print(recover(path), flush=True)
+            except UserError as e:
+                failed.append(str(e))
     if failed:
         raise UserError(failed[0] + (f" (and {len(failed) - 1} more checkpoint(s) not handled)" if len(failed) > 1 else ""))
 
