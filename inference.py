@@ -8,6 +8,7 @@ with seed = `--seed` + prompt index + image index * number of prompts, so 1 and 
 processes, or any --batch_size, give the same images; a rerun makes only what is missing.
 """
 import argparse
+import contextlib
 import os
 import time
 
@@ -20,6 +21,7 @@ from rpo import generate
 from rpo.cli import UserError, cpu_ranks, flag, parse_args, run_main
 from rpo.data.folders import PromptDataset
 from rpo import families
+from rpo.lock import DirectoryLock
 from rpo.models import check_pipeline_folder, fingerprint_change, offline_unless_hub_reachable, weights_fingerprint
 
 
@@ -171,6 +173,7 @@ def main(argv=None):
     # Cheap checks first: bad paths fail in the first second, before any weight loads.
     captions = [item.caption for item in PromptDataset(args.test_dataset_root, what="--test_dataset_root").items]
     generate.check_unet_path(args.unet, args.unet_subfolder)
+    generate.check_unet_weights(args.unet, args.unet_subfolder, args.unet_variant)  # a half-saved UNet: one line
     check_lora_path(args.lora)
     check_pipeline_folder(args.pretrained_model_name_or_path, sdxl=args.sdxl)
     generate.check_output(args.output)
@@ -181,6 +184,13 @@ def main(argv=None):
         raise UserError("--mixed_precision fp16 on the CPU: PyTorch's CPU kernels lack or crawl through fp16 "
                         "matmuls and convolutions; use --mixed_precision bf16 or no")
     offline_unless_hub_reachable([args.pretrained_model_name_or_path] + ([args.unet] if args.unet else []))
+    # One writer per --output: a second run into it (a resubmitted job) stops here, naming the first.
+    with DirectoryLock(args.output, what="--output") if state.is_main_process else contextlib.nullcontext():
+        generate_into(args, state, captions)
+
+
+def generate_into(args, state, captions):
+    """Load the pipeline, check the output's manifest and weights, generate what is missing."""
     # Loading bars of every rank would bury the one line that matters (an error, the summary).
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
@@ -204,7 +214,7 @@ def main(argv=None):
     settings = settings_of(args, family, pipe, resolution, len(captions))
     jobs, done = generate.plan(args.output, len(captions), args.num_images_per_prompt, args.seed)
     manifest = generate.read_manifest(args.output)
-    memo = dict((manifest or {}).get("weight_hashes", {}))  # unchanged files (size, mtime) are not re-read
+    memo = dict((manifest or {}).get("weight_hashes", {}))  # unchanged files (size, mtime, inode, ctime) are not re-read
     weights = weights_of(args, family, memo)
     warnings = [check_weights(args.output, manifest, weights)]
     if manifest is not None:  # weights compared above, by part; check_manifest compares the rest

@@ -17,12 +17,14 @@ scores.json adds wins, ties and losses apart and a bootstrap 95 % interval per m
 win rates, a per-prompt gallery of thumbnails; rpo/scores/html_report.py).
 
 Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py),
-appended batch by batch while scoring: a rerun, even of a killed run, scores only new,
-changed or missing images. Every dir and `--output` must be writable (checked first). Each scorer is loaded once for all dirs; with
+appended batch by batch while scoring: a rerun, even of a killed run, scores only the
+batches holding new, changed or missing images (each whole, as a fresh run batches it, so the
+scores are bit-identical to a fresh run's; rpo/scores/loop.py). Every dir and `--output` must be writable (checked first). Each scorer is loaded once for all dirs; with
 several processes each scores its share and the results are gathered in a fixed order, so
 the tables do not depend on the number of processes.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -33,6 +35,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from rpo.io import write_text
+from rpo.lock import DirectoryLock
 from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_main
 from rpo.models import offline_unless_hub_reachable
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
@@ -201,11 +204,26 @@ def main(argv=None):
 
     offline_unless_hub_reachable([args.weights_dir])  # None: the scorers' weights come from the hub
     accelerator = Accelerator(cpu=cpu_ranks())
-    scorers = {m: load_scorer(m, args.weights_dir, accelerator.device, args.hps_version) for m in metrics}
-    scored = score_folders(folders, scorers, accelerator, args.batch_size, args.num_workers)
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        write_report(args, dirs, folders, base, {m: s.version for m, s in scorers.items()}, *scored)
+    with contextlib.ExitStack() as held:
+        if accelerator.is_main_process:  # one writer per cache and table folder (a second run stops here)
+            for folder, option in locked_folders(dirs, is_base, args.output):
+                held.enter_context(DirectoryLock(folder, what=option))
+        scorers = {m: load_scorer(m, args.weights_dir, accelerator.device, args.hps_version) for m in metrics}
+        scored = score_folders(folders, scorers, accelerator, args.batch_size, args.num_workers)
+        accelerator.end_training()
+        if accelerator.is_main_process:
+            write_report(args, dirs, folders, base, {m: s.version for m, s in scorers.items()}, *scored)
+
+
+def locked_folders(dirs, is_base, output):
+    """(folder, option) of every folder this run writes: each dir (its score cache) and
+    --output (the tables), each once, in a fixed order (two runs never wait on each other crosswise)."""
+    seen, found = set(), []
+    for folder, option in [(d, "--compare" if base else "--dir") for d, base in zip(dirs, is_base)] + [(output, "--output")]:
+        if os.path.realpath(folder) not in seen:
+            seen.add(os.path.realpath(folder))
+            found.append((folder, option))
+    return sorted(found, key=lambda entry: os.path.realpath(entry[0]))
 
 
 def write_report(args, dirs, folders, base, versions, entries, scores, errors):

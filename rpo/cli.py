@@ -10,7 +10,8 @@ Under `accelerate launch` the rank's line and status 2 come first, but the launc
 (accelerate 1.15 re-raising torch.distributed.elastic's ChildFailedError) then prints its
 own traceback and exits 1 whatever the rank's status: its "Root Cause" block shows
 `exitcode: 2`. Exiting through `os._exit(2)` changes nothing there (tried), so the plain
-`sys.exit(2)` stays.
+`sys.exit(2)` stays. The other ranks, whose next collective fails when one rank stops,
+print one line each naming that rank and its message (`peer_failure`), not gloo's traceback.
 """
 import argparse
 import errno
@@ -86,19 +87,87 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 def run_main(main):
     """Run `main()`, turning a UserError (or a full / read-only disk) into one clear line
-    and exit status 2."""
+    and exit status 2. In a multi-process run, a rank that stops records why in the
+    launcher's key-value store, and a rank that then loses contact with it (gloo's
+    "Connection closed by peer", NCCL's errors) prints one line naming that rank instead of
+    a traceback (`peer_failure`), exit status 1."""
     try:
         return main()
     except UserError as e:
+        record_failure(str(e))
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
+            record_failure(f"{type(e).__name__}: {e}")
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"error: {os.strerror(e.errno)}{where}: free space (or remount read-write) and rerun; "
-              "finished work is kept", file=sys.stderr)
+        line = (f"{os.strerror(e.errno)}{where}: free space (or remount read-write) and rerun; "
+                "finished work is kept")
+        record_failure(line)
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:
+        line = peer_failure(e)
+        if line is None:
+            record_failure(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------ one line per surviving rank
+FAILURE_KEY = "rpo/failed_rank"
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "ncclRemoteError", "ncclSystemError", "remote process exited", "Socket Timeout")
+
+
+def _store():
+    """The process group's key-value store (torchrun's agent hosts it, so it outlives any
+    rank), or None outside a multi-process run."""
+    try:
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        from torch.distributed.distributed_c10d import _get_default_store
+        return _get_default_store()
+    except Exception:
+        return None
+
+
+def record_failure(line):
+    """Tell the other ranks why this one stops (the first rank to fail wins)."""
+    store = _store()
+    if store is None:
+        return
+    try:
+        import torch.distributed as dist
+        store.compare_set(FAILURE_KEY, "", f"{dist.get_rank()}\t{line}")
+    except Exception:
+        pass  # the store itself is gone: the launcher is stopping everything anyway
+
+
+def peer_failure(error):
+    """One line for a rank whose collective failed because another rank stopped, naming
+    that rank and its reason when it recorded one; None for any other error."""
+    import torch.distributed as dist
+    text = str(error)
+    lost = isinstance(error, getattr(dist, "DistNetworkError", ())) or any(word in text for word in PEER_LOST)
+    if not lost or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    me = os.environ.get("RANK", "?")
+    store = _store()
+    who = None
+    try:
+        if store is not None and store.check([FAILURE_KEY]):
+            who = store.get(FAILURE_KEY).decode()
+    except Exception:
+        pass
+    if who:
+        rank, _, reason = who.partition("\t")
+        return f"rank {me}: rank {rank} stopped ({reason}), so this rank stops too"
+    return (f"rank {me}: another rank of this run stopped without a word (killed, or out of memory?), "
+            "so this rank stops too; see the launcher's report below for which")
 
 
 def check_writable(path, what):

@@ -77,6 +77,63 @@ def check_unet_path(unet, subfolder=None, what="--unet"):
         raise UserError(f"{what} {where} is not a UNet folder (no config.json){hint}")
 
 
+def weight_keys(folder, variant=None):
+    """The tensor names a diffusers model folder's safetensors weights hold (headers only),
+    or None when it has none to read (.bin weights: left to the loader)."""
+    from safetensors import SafetensorError, safe_open
+    base = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
+    index = os.path.join(folder, f"{base}.safetensors.index.json")
+    if os.path.isfile(index):  # sharded: the index names every tensor's file
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{index} is unreadable ({e})") from None
+        files = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(folder, f"{base}.safetensors")):
+        files = [f"{base}.safetensors"]
+    else:
+        return None
+    keys = set()
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing (listed in {os.path.basename(index)})")
+        try:
+            with safe_open(path, framework="pt") as f:
+                keys.update(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path} is unreadable ({str(e).splitlines()[0]}): truncated or damaged") from None
+    return keys
+
+
+def check_unet_weights(unet, subfolder=None, variant=None, what="--unet"):
+    """Refuse a local UNet (or SD3 transformer) folder whose weights lack tensors its config
+    needs, before anything loads: diffusers would leave them on the meta device and fail
+    later with "Cannot copy out of meta tensor". Reads the config and the safetensors
+    headers only; the model is built on the meta device (no memory)."""
+    if unet is None or not os.path.isdir(unet):
+        return
+    import diffusers
+    folder = os.path.join(unet, subfolder) if subfolder else unet
+    keys = weight_keys(folder, variant)
+    if keys is None:
+        return
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            name = json.load(f).get("_class_name", "UNet2DConditionModel")
+        cls = getattr(diffusers, name)
+        with torch.device("meta"):
+            model = cls.from_config(cls.load_config(folder))
+    except Exception:  # an unknown class, a config that does not build: the loader's own error says it better
+        return
+    needed = set(model.state_dict())
+    missing = sorted(needed - keys)
+    if missing:
+        raise UserError(f"{what} {folder}: its weights lack {len(missing)} of the {len(needed)} tensors its config.json "
+                        f"needs (e.g. {missing[0]}): a partial or interrupted save; use a complete model folder")
+
+
 def load_pipeline(source, sdxl=False, variant=None, unet=None, unet_subfolder=None, unet_variant=None,
                   dtype=torch.float32, safety_checker=False, *, model_family="auto", revision=None, cache_dir=None):
     """The stock diffusers pipeline of `source`'s model family (rpo/families; auto: its

@@ -33,35 +33,113 @@ def hub_endpoint():
     return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
 
 
-def hub_reachable(timeout=3.0):
-    """Whether a TCP connection to the hub endpoint opens within `timeout` seconds.
+HUB_TIMEOUT_ENV = "RPO_HUB_TIMEOUT"  # seconds; the probe's limit and every hub request's connect/read limit
+PROBE_TIMEOUT_S = 3.0     # the probe, when RPO_HUB_TIMEOUT is not set
+REQUEST_TIMEOUT_S = 10.0  # each hub request's connect and read (not the whole download), when it is not set
+
+
+def hub_timeout(default=REQUEST_TIMEOUT_S):
+    """`RPO_HUB_TIMEOUT` in seconds, else `default`; a bad value is one line."""
+    value = os.environ.get(HUB_TIMEOUT_ENV)
+    if value in (None, ""):
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{HUB_TIMEOUT_ENV}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
+def hub_reachable(timeout=None):
+    """Whether the hub endpoint answers an HTTP request within `timeout` seconds in all
+    (default: `RPO_HUB_TIMEOUT`, else 3 s).
 
     Without network, huggingface_hub retries each file for half a minute (train.py's
-    dozens of files: minutes of retry lines); one connect answers in `timeout` at most.
+    dozens of files: minutes of retry lines). A TCP connect alone is not enough: a proxy or
+    firewall that accepts connections and never answers would pass it, then hang every
+    request. So the probe sends `HEAD /` and waits for the first bytes of any HTTP answer
+    (any status: only "does it answer" matters), under one deadline for connect, TLS
+    handshake, send and receive.
     """
-    url = urllib.parse.urlsplit(hub_endpoint())
-    port = url.port or (443 if url.scheme == "https" else 80)
+    import ssl
+    import time
+    timeout = hub_timeout(PROBE_TIMEOUT_S) if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+
+    def left():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("hub probe deadline")
+        return remaining
+
     try:
-        with socket.create_connection((url.hostname, port), timeout=timeout):
-            return True
-    except (OSError, ValueError):  # refused, unreachable, no DNS, timed out; a malformed HF_ENDPOINT
+        url = urllib.parse.urlsplit(hub_endpoint())
+        port = url.port or (443 if url.scheme == "https" else 80)
+        with socket.create_connection((url.hostname, port), timeout=left()) as raw:
+            conn = raw
+            if url.scheme == "https":  # only "does it answer": no certificate check for the probe itself
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                raw.settimeout(left())
+                conn = context.wrap_socket(raw, server_hostname=url.hostname)
+            conn.settimeout(left())
+            conn.sendall(f"HEAD / HTTP/1.1\r\nHost: {url.hostname}\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while len(answer) < 5:
+                conn.settimeout(left())
+                chunk = conn.recv(5 - len(answer))
+                if not chunk:
+                    break
+                answer += chunk
+            return answer.startswith(b"HTTP/")
+    except (OSError, ValueError):  # refused, unreachable, no DNS, timed out, TLS failed; a malformed HF_ENDPOINT
         return False
+
+
+def set_hub_timeouts(seconds=None):
+    """Give every huggingface_hub request a connect/read limit (default: `RPO_HUB_TIMEOUT`,
+    else 10 s): its shared HTTP client is built with `timeout=None` (huggingface_hub 2.4,
+    utils/_http.py), so a server that stops answering mid-request would hang it forever.
+    Also sets the metadata (HF_HUB_ETAG_TIMEOUT) and download (HF_HUB_DOWNLOAD_TIMEOUT)
+    limits, unless the user set those variables. A read limit, not a total one: a slow
+    download that keeps receiving bytes is not cut."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+    seconds = hub_timeout() if seconds is None else seconds
+    for name in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
+        if not os.environ.get(name):
+            os.environ[name] = str(max(1, round(seconds)))  # for child processes; huggingface_hub reads ints
+            setattr(constants, name, max(1, round(seconds)))
+    factory = getattr(_http, "default_client_factory", None)
+    if factory is None or not hasattr(_http, "set_client_factory"):
+        return
+
+    def with_timeout():
+        client = factory()
+        client.timeout = seconds
+        return client
+
+    _http.set_client_factory(with_timeout)
 
 
 def is_local(source):
     return source is not None and os.path.exists(source)
 
 
-def offline_unless_hub_reachable(sources, timeout=3.0):
+def offline_unless_hub_reachable(sources, timeout=None):
     """Call before the first hub load: when some source is not a local path (a hub id, or
     None for "the hub default", e.g. scorer weights without --weights_dir), `HF_HUB_OFFLINE`
     is unset and the hub does not answer, switch this process to offline mode, so models
     already in the hub cache load and the others fail at once with from_pretrained's
-    one-line download hint. Returns True when it switched.
+    one-line download hint. Returns True when it switched. Every later hub request gets
+    a time limit (`set_hub_timeouts`); `RPO_HUB_TIMEOUT` sets both limits.
     """
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE or all(is_local(s) for s in sources):
         return False
+    set_hub_timeouts()  # the hub will be asked: no request may hang
     if hub_reachable(timeout):
         return False
     os.environ["HF_HUB_OFFLINE"] = "1"  # child processes (DataLoader workers) and libraries imported later
@@ -79,25 +157,34 @@ def offline_unless_hub_reachable(sources, timeout=3.0):
 WEIGHT_EXTENSIONS = (".safetensors", ".bin")  # diffusers' and transformers' weight files (sharded ones too)
 
 
+def file_identity(stat):
+    """What changes whenever a file's bytes may have: size, mtime, and also the inode (a
+    file replaced by a rename or a copy) and the ctime (set by the kernel on every write or
+    utime call, so `cp -p`, `rsync -t` or `touch -r` restoring the old mtime still change it)."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
 def file_sha256(path, memo=None):
-    """sha256 of the whole file; `memo` ({real path: [size, mtime_ns, sha256]}, e.g. from
-    the previous run's manifest) skips re-reading a file whose size and mtime are unchanged.
+    """sha256 of the whole file; `memo` ({real path: [size, mtime_ns, inode, ctime_ns,
+    sha256]}, e.g. from the previous run's manifest) skips re-reading a file whose identity
+    (`file_identity`) is unchanged: one stat per file, nothing per image.
 
     Whole-file hashes because a head/tail hash misses a fine-tune that changed only middle
     tensors (attention-only training leaves conv_in and the last blocks byte-identical);
     the memo keeps reruns cheap (~500 MB/s hashing here: 4 GB of SD1.5 weights ~8 s, once).
-    Replacing a file, even by `cp -p`, gives it another mtime_ns, so it is hashed afresh.
+    Memo entries of the older [size, mtime_ns, sha256] form never match: hashed afresh once.
     """
     real = os.path.realpath(path)
-    stat = os.stat(real)
-    if memo is not None and memo.get(real, [None])[:2] == [stat.st_size, stat.st_mtime_ns]:
-        return memo[real][2]
+    identity = file_identity(os.stat(real))
+    entry = memo.get(real) if memo is not None else None
+    if isinstance(entry, list) and len(entry) == len(identity) + 1 and entry[:-1] == identity:
+        return entry[-1]
     digest = hashlib.sha256()
     with open(real, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     if memo is not None:
-        memo[real] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        memo[real] = [*identity, digest.hexdigest()]
     return digest.hexdigest()
 
 

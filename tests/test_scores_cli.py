@@ -91,8 +91,10 @@ def counting_scorers(monkeypatch):
 def test_cache_rescores_only_what_changed(scorer_weights, dirs, tmp_path, capsys, monkeypatch):
     a, _ = dirs
     counts = counting_scorers(monkeypatch)
-    args = ["--pickscore", "--hpsv2", "--num_workers", "0", "--dir", a, "--weights_dir", scorer_weights,
-            "--output", str(tmp_path / "out")]
+    # batch size 1: a batch holding a changed image is scored whole (so that its scores equal
+    # a fresh run's, rpo/scores/loop.py); one image per batch makes the counts exact
+    args = ["--pickscore", "--hpsv2", "--batch_size", "1", "--num_workers", "0", "--dir", a, "--weights_dir",
+            scorer_weights, "--output", str(tmp_path / "out")]
     assert run_score(args, capsys)[0] == 0
     assert counts == {"pickscore": 6, "hpsv2": 6}
     first = (tmp_path / "out" / "scores.csv").read_text()

@@ -3,12 +3,15 @@
     python -m tools.export_pipeline --checkpoint ./logs/run/ckpt-25600 --output ./sd15-dro [--raw]
 
 The folder holds the base pipeline's text encoder(s), tokenizer(s), VAE and scheduler with
-the checkpoint's EMA UNet (`ckpt-N/ema`; `--raw`: the trained weights, `ckpt-N/unet`), or,
+the checkpoint's EMA UNet (`ckpt-N/ema`; `--raw`: the trained weights, `ckpt-N/unet`; a
+checkpoint without `ema/` is refused unless its run trained without an EMA), or,
 for a LoRA checkpoint (`ckpt-N/lora_ema`, `--raw`: `ckpt-N/lora`), the base UNet with the
 adapters fused in. `DiffusionPipeline.from_pretrained(DIR)` loads it offline. The base
 model and the VAE come from the run's options: `ckpt-N/state/trainer.pt` when the checkpoint
 still holds its state, else `<logdir>/training_config.json` (the latest start), else
-`--pretrained_model_name_or_path`.
+`--pretrained_model_name_or_path`. A `.tmp-ckpt-N` folder (a checkpoint being written, or
+left half-written) is refused; a disk that fills up while writing is one line naming the
+folder and the space needed, and leaves no temporary folder.
 """
 import argparse
 import json
@@ -17,6 +20,7 @@ import shutil
 
 from rpo.cli import UserError, parse_args, run_main
 from rpo.generate import DTYPES, check_output
+from rpo.io import check_space, disk_space_guard
 
 LORA_DIRS = ("lora_ema", "lora")  # rpo/training/parametrisation.py LoRAFineTune.ema_dir / weights_dir
 
@@ -48,17 +52,42 @@ def run_options(checkpoint):
     return {}
 
 
-def weights_folder(checkpoint, raw):
-    """('lora' | 'unet', folder) of what to export from `checkpoint`."""
-    for name in (LORA_DIRS[1:] if raw else LORA_DIRS):
-        if os.path.isdir(os.path.join(checkpoint, name)):
-            return "lora", os.path.join(checkpoint, name)
-    names = ("unet",) if raw else ("ema", "unet")  # a --no-use_ema run has no ema/
-    for name in names:
-        if os.path.isfile(os.path.join(checkpoint, name, "config.json")):
-            return "unet", os.path.join(checkpoint, name)
-    raise UserError(f"--checkpoint {checkpoint} holds no {' or '.join(names)}/ UNet folder nor LoRA folder: "
-                    "pass a <logdir>/ckpt-N folder")
+def weights_folder(checkpoint, raw, use_ema=None):
+    """('lora' | 'unet', folder) of what to export from `checkpoint`.
+
+    The EMA (`ema/`, `lora_ema/`) unless `raw`. A checkpoint without it is exported only
+    when the run trained without an EMA (`use_ema` False in its recorded options): with
+    the EMA missing otherwise, the raw weights would go out under the EMA's name."""
+    lora = {name: os.path.isdir(os.path.join(checkpoint, name)) for name in LORA_DIRS}
+    unet = {name: os.path.isfile(os.path.join(checkpoint, name, "config.json")) for name in ("ema", "unet")}
+    if raw:
+        for name, kind, present in (("lora", "lora", lora["lora"]), ("unet", "unet", unet["unet"])):
+            if present:
+                return kind, os.path.join(checkpoint, name)
+        raise UserError(f"--checkpoint {checkpoint} holds no unet/ nor lora/ folder: pass a <logdir>/ckpt-N folder")
+    if lora["lora_ema"]:
+        return "lora", os.path.join(checkpoint, "lora_ema")
+    if unet["ema"]:  # a UNet's EMA, or a LoRA run's EMA merged into a UNet (--save_merged_unet)
+        return "unet", os.path.join(checkpoint, "ema")
+    raw_name = "lora" if lora["lora"] else "unet" if unet["unet"] else None
+    if raw_name is None:
+        raise UserError(f"--checkpoint {checkpoint} holds no ema/, unet/ nor LoRA folder: pass a <logdir>/ckpt-N folder")
+    if use_ema is False:  # trained without an EMA: the raw weights are the model
+        return ("lora" if raw_name == "lora" else "unet"), os.path.join(checkpoint, raw_name)
+    ema_name = "lora_ema" if raw_name == "lora" else "ema"
+    why = "the run trained with --use_ema" if use_ema else "the run's options are not recorded"
+    raise UserError(f"--checkpoint {checkpoint} has no {ema_name}/ ({why}; was it deleted or not copied?): "
+                    f"pass --raw to export the raw trained weights ({raw_name}/) instead")
+
+
+def check_checkpoint(checkpoint):
+    """A complete `ckpt-N` folder: not one still being written (or left by a crash)."""
+    if not os.path.isdir(checkpoint):
+        raise UserError(f"--checkpoint {checkpoint}: no such folder")
+    name = os.path.basename(os.path.normpath(os.path.abspath(checkpoint)))
+    if name.startswith(".tmp-"):
+        raise UserError(f"--checkpoint {checkpoint} is a checkpoint still being written, or half-written by a run "
+                        f"that was stopped: export a complete {name[len('.tmp-'):]} folder instead")
 
 
 def check_export_output(output):
@@ -72,15 +101,18 @@ def export(checkpoint, output, *, raw=False, base=None, dtype="no"):
     import torch  # noqa: F401  (loaded here: the option checks above stay fast)
     from rpo import families
 
-    if not os.path.isdir(checkpoint):
-        raise UserError(f"--checkpoint {checkpoint}: no such folder")
+    check_checkpoint(checkpoint)
     check_export_output(output)
-    kind, folder = weights_folder(checkpoint, raw)
     args = run_options(checkpoint)
+    kind, folder = weights_folder(checkpoint, raw, args.get("use_ema"))
     base = base or args.get("pretrained_model_name_or_path")
     if not base:
         raise UserError(f"--checkpoint {checkpoint}: the run's options are not recorded (no state/trainer.pt, no "
                         "../training_config.json); pass --pretrained_model_name_or_path")
+    import diffusers
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()  # loading bars would bury the one line that matters
+    transformers.utils.logging.disable_progress_bar()
     family = families.resolve(args.get("model_family", "auto"), base, sdxl=bool(args.get("sdxl", False)))
     # the run's own VAE when it trained and validated with another than the pipeline's
     pipe = family.load_pipeline(base, denoiser=folder if kind == "unet" else None, variant=args.get("variant"),
@@ -91,11 +123,23 @@ def export(checkpoint, output, *, raw=False, base=None, dtype="no"):
         pipe.unload_lora_weights()  # drop the adapter modules: a plain UNet is saved
     tmp = os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(os.path.normpath(output))}.tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
+    needed = pipeline_bytes(pipe)
+    with disk_space_guard(output, needed, "the exported pipeline", cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        check_space(output, needed, "the exported pipeline")
+        pipe.save_pretrained(tmp)
     if os.path.isdir(output):
         os.rmdir(output)  # empty, checked above
     os.replace(tmp, output)  # a reader never finds half a pipeline under `output`
     return base, folder
+
+
+def pipeline_bytes(pipe):
+    """What `save_pretrained` writes, about: every component's tensors (configs are small)."""
+    total = 0
+    for component in pipe.components.values():
+        if hasattr(component, "state_dict"):
+            total += sum(t.numel() * t.element_size() for t in component.state_dict().values())
+    return total + (1 << 20)
 
 
 def main(argv=None):

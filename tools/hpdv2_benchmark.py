@@ -13,6 +13,7 @@ appended to a JSONL cache after every batch; a rerun reuses downloads, extractio
 scores and completes a partial output. Unreadable images are skipped and reported.
 """
 import argparse
+import contextlib
 import os
 import statistics
 from collections import Counter
@@ -24,6 +25,7 @@ from rpo.cli import UserError, check_writable, cpu_ranks, parse_args, run_main
 from rpo.scores.images import score_images
 from rpo.data.items import item_name, write_items
 from rpo.data.score_cache import ScoreCache
+from rpo.lock import DirectoryLock
 from rpo.models import offline_unless_hub_reachable
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
 
@@ -77,6 +79,15 @@ def candidates(benchmark, styles):
 
 def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
     args = check_args(args)
+    with contextlib.ExitStack() as held:  # one writer per output folder, held by the main process
+        if rank == 0:
+            for output in sorted({args.output.replace("{style}", style) for style in args.styles}):
+                held.enter_context(DirectoryLock(output, what="--output"))
+        return build(args, rank, world, device, barrier)
+
+
+def build(args, rank, world, device, barrier):
+    """Fetch, extract and score this process's share; on the main process, write each style."""
     offline_unless_hub_reachable([args.repo, args.weights_dir])  # before any hub request
     benchmark = hpdv2.Benchmark(args.repo, args.cache)
     if rank == 0:  # the main process downloads and extracts; the others then find it all in place
@@ -112,7 +123,8 @@ def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
         count, entries = table[style]
         for index, prompt, images in entries:
             scored = [(scores.get((key(style, index, m), prompt)), m, p) for m, p in images]
-            unreadable += [(m, index) for m, p in images if (key(style, index, m), prompt) in scores.errors]
+            unreadable += [(m, index, p, scores.errors[(key(style, index, m), prompt)]) for m, p in images
+                           if (key(style, index, m), prompt) in scores.errors]
             scored = [s for s in scored if s[0] is not None]
             if not scored:
                 stats["without image"] += 1
@@ -131,8 +143,9 @@ def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
               f"{stats['without image']} without a readable image); mean best {metric_version} "
               f"{statistics.fmean(i[4]['score'] for i in items):.4f}; winners: {winners}")
         if unreadable:
-            print(f"{style}: skipped {len(unreadable)} unreadable image(s), e.g. model {unreadable[0][0]} "
-                  f"prompt {unreadable[0][1]}")
+            model, index, path, error = unreadable[0]
+            print(f"{style}: skipped {len(unreadable)} unreadable image(s), e.g. model {model} prompt {index}: "
+                  f"{path} ({error})")
         print(f"{style}: wrote {written} item(s) to {output}, {present} already there")
         results[style] = items
     return results

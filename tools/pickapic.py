@@ -23,6 +23,7 @@ least one row); a tie (0.5/0.5) is not a choice, so tied images are kept only wi
 reported.
 """
 import argparse
+import contextlib
 import os
 import statistics
 from collections import Counter
@@ -34,6 +35,7 @@ from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_
 from rpo.scores.images import score_images
 from rpo.data.items import item_name, write_items
 from rpo.data.score_cache import ScoreCache
+from rpo.lock import DirectoryLock
 from rpo.models import offline_unless_hub_reachable
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
 from rpo.data.selection import Candidate, RunningSelection, is_preferred, select
@@ -193,6 +195,13 @@ def finish(args, shards, scores, index, store, metric_version):
 
 def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
     args = check_args(args)
+    # one writer per --output: the main process holds it while any process works for it
+    with DirectoryLock(args.output, what="--output") if rank == 0 else contextlib.nullcontext():
+        return build(args, rank, world, device, barrier)
+
+
+def build(args, rank, world, device, barrier):
+    """Score this process's shards; on the main process, select and write the output."""
     offline_unless_hub_reachable([args.dataset, args.weights_dir])  # before any hub request
     shards = pickapic.list_shards(args.dataset, args.split)
     scorer = load_scorer(args.score, weights_dir=args.weights_dir, device=device, hps_version=args.hps_version)

@@ -29,6 +29,10 @@ from rpo.cli import UserError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how Pillow opens 16-bit grayscale PNG/TIFF
+# What opening or decoding a bad image raises: not an image, truncated, corrupt, and a
+# decompression bomb (Pillow refuses more than 2 x Image.MAX_IMAGE_PIXELS, ~179 M pixels;
+# DecompressionBombError derives from Exception only, so it needs naming).
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 @dataclass
@@ -90,7 +94,7 @@ def check_image(path, name=None):
     try:
         with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except IMAGE_ERRORS as e:
         raise UserError(f"unreadable image {name or path}: {e}".splitlines()[0]) from None
 
 
@@ -293,7 +297,7 @@ class ExpertDataset(torch.utils.data.Dataset):
                 original_size = (image.height, image.width)
                 if self.load_pixels:
                     image = to_rgb(image)
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:  # changed on disk since the start-up check
+        except IMAGE_ERRORS as e:  # changed on disk since the start-up check
             raise UserError(f"expert image {item.image} cannot be read any more ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         scale = self.resolution / min(original_size)

@@ -12,7 +12,14 @@ not be decoded is stored with an error instead of a score, so it is not retried.
 """
 import glob
 import json
+import math
 import os
+import sys
+
+
+def is_score(value):
+    """A finite number that is not a bool (JSON's true would pass float())."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def part_paths(folder, name):
@@ -70,22 +77,40 @@ class ScoreCache:
         self.folder, self.name, self.rank = folder, name, rank
         self.scores = {}  # (key, caption) -> float
         self.errors = {}  # (key, caption) -> why the image could not be scored
+        self.warned = 0   # malformed lines already reported
         self.reload()
         self.writer = None
 
     def reload(self):
+        """Read every part; a line that parses but is not a (key, caption) with a finite
+        number or an error (a hand edit, another tool's line, a non-numeric score, a list as
+        key) is skipped with one warning line, so that pair is scored again, as score.py's
+        cache does (rpo/scores/folders.py)."""
         self.scores.clear()
         self.errors.clear()
-        for record in read_lines(part_paths(self.folder, self.name)):
-            try:
-                pair = (record["key"], record["caption"])
-            except KeyError:
+        paths = part_paths(self.folder, self.name)
+        bad = 0
+        for record in read_lines(paths):
+            key, caption, score = record.get("key"), record.get("caption"), record.get("score")
+            if not isinstance(key, str) or not isinstance(caption, str):
+                bad += 1
                 continue
-            if record.get("score") is not None:
-                self.scores[pair] = float(record["score"])
+            pair = (key, caption)
+            if score is not None:
+                if not is_score(score):
+                    bad += 1
+                    continue
+                self.scores[pair] = float(score)
                 self.errors.pop(pair, None)
-            elif "error" in record and pair not in self.scores:
-                self.errors[pair] = str(record["error"])
+            elif "error" in record:
+                if pair not in self.scores:
+                    self.errors[pair] = str(record["error"])
+            else:
+                bad += 1
+        if bad and bad != self.warned:
+            self.warned = bad
+            print(f"warning: {self.folder}: skipped {bad} malformed line(s) of "
+                  f"{', '.join(map(os.path.basename, paths))}; those images are scored again", file=sys.stderr)
 
     def __contains__(self, pair):
         return pair in self.scores or pair in self.errors

@@ -19,7 +19,6 @@ scored again.
 """
 import hashlib
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from rpo.io import write_text
 from rpo.cli import UserError
 from rpo.data.folders import IMAGE_EXTENSIONS, list_images, read_caption
-from rpo.data.score_cache import JsonlAppender, part_paths, read_lines
+from rpo.data.score_cache import JsonlAppender, is_score, part_paths, read_lines  # noqa: F401 (is_score: one home)
 
 CACHE_NAME = "scores_cache.json"
 PARTS_NAME = "scores_cache"  # side files: scores_cache.rank<r>.jsonl
@@ -70,10 +69,6 @@ def scan_image_dir(root, option="--dir"):
 def image_key(caption, data):
     """What a cached score depends on besides the metric: the image bytes and the prompt."""
     return hashlib.sha256(caption.encode("utf-8") + b"\0" + data).hexdigest()
-
-
-def is_score(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_cache(root):

@@ -8,9 +8,9 @@ and report.
 import io
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from rpo.data.folders import scorer_input
+from rpo.data.folders import IMAGE_ERRORS, scorer_input
 
 
 def decode_image(source):
@@ -31,7 +31,7 @@ class _Decoded(torch.utils.data.Dataset):
     def __getitem__(self, index):
         try:
             return index, self.preprocess(decode_image(self.sources[index])), None
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        except IMAGE_ERRORS as e:
             return index, None, f"{type(e).__name__}: {e}".splitlines()[0]
 
 

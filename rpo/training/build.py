@@ -5,6 +5,7 @@ pair source, the objective and the validator, wired into one `TrainLoop`.
 Everything a user can get wrong is checked before any weight loads: the option table
 (rpo/training/options.py), the family's refusals, paths, datasets, the resume.
 """
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from rpo.cli import UserError, check_writable, cpu_ranks
 from rpo.data.folders import ExpertBatches, ExpertDataset, PromptDataset
 from rpo.generate import check_unet_path
 from rpo.io import write_json
+from rpo.lock import DirectoryLock
 from rpo.models import DTYPES, check_pipeline_folder, offline_unless_hub_reachable
 from rpo.scores import load_scorer
 from rpo.training import checkpoint, options
@@ -47,6 +49,18 @@ def build(args, parser):
                               gradient_accumulation_steps=args.gradient_accumulation_steps,
                               log_with=trackers_of(args.report_to),
                               project_config=ProjectConfiguration(project_dir=args.logdir, logging_dir=args.logdir))
+    # one writer per logdir, from before the first write to the end of the run (TrainLoop.run closes it)
+    guards = contextlib.ExitStack()
+    if accelerator.is_main_process:
+        guards.enter_context(DirectoryLock(args.logdir, what="--logdir"))
+    try:
+        return build_locked(args, parser, family, data, accelerator, trainer, resume_from, guards)
+    except BaseException:
+        guards.close()
+        raise
+
+
+def build_locked(args, parser, family, data, accelerator, trainer, resume_from, guards):
     if trainer is not None:
         check_resume(trainer, path=resume_from[1], world=accelerator.num_processes, args=vars(args),
                      invariants=options.resume_invariants(parser),
@@ -62,7 +76,9 @@ def build(args, parser):
     # not after hours. It waits in CPU memory and visits the GPU only while validating.
     scorer = load_scorer(args.score, weights_dir=args.weights_dir, hps_version=args.hps_version) if args.score else None
     models = load_models(args, family, accelerator, data.experts)
-    return assemble(args, family, data, accelerator, models, scorer, trainer, resume_from)
+    loop = assemble(args, family, data, accelerator, models, scorer, trainer, resume_from)
+    loop.guards = guards
+    return loop
 
 
 def check_before_loading(args):

@@ -16,7 +16,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
 from rpo.cli import UserError
-from rpo.io import write_json
+from rpo.io import disk_space_guard, write_json
 
 CKPT = re.compile(r"^ckpt-(\d+)$")
 
@@ -51,6 +51,24 @@ def begin(logdir, step):
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
     return path
+
+
+def tensor_bytes(*state_dicts):
+    """Bytes the tensors of `state_dicts` take on disk, about (what a checkpoint's weights need)."""
+    return sum(t.numel() * t.element_size() for sd in state_dicts for t in sd.values() if torch.is_tensor(t))
+
+
+def disk_guard(logdir, step, needed):
+    """Wrap the writing of checkpoint `step` (between `begin` and `commit`): a full disk
+    becomes one UserError line naming the logdir, the space the checkpoint needs (`needed`
+    bytes, e.g. from `tensor_bytes`: weights, EMA, optimizer state) and the space free, and
+    `.tmp-ckpt-<step>` is removed; earlier checkpoints stay as they were.
+
+        with checkpoint.disk_guard(logdir, step, needed):
+            ...write into checkpoint.tmp_dir(logdir, step)...
+    """
+    return disk_space_guard(logdir, needed, f"checkpoint {step}",
+                            cleanup=lambda: shutil.rmtree(tmp_dir(logdir, step), ignore_errors=True))
 
 
 def commit(logdir, step, keep, keep_weights=None):
@@ -196,6 +214,43 @@ def check_fresh_logdir(logdir, overwrite):
     shutil.rmtree(os.path.join(logdir, "images"), ignore_errors=True)
 
 
+def refusal(path, error):
+    """One line for a state file that does not load: a pickle holding code (torch's
+    weights-only loader names the global it refused) or a truncated / corrupt file."""
+    text = str(error).strip()
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"{path} holds a pickle that would run code{what}, not plain tensors: refused (never load a state "
+                "from an untrusted source; its SHA256SUMS.json can be forged with it)")
+    return f"cannot read {path} ({type(error).__name__}: {text.splitlines()[0] if text else ''})"
+
+
+def load_accelerator_state(accelerator, state_dir):
+    """`accelerator.load_state(state_dir)`, with one line naming the file when a state file
+    does not load: accelerate loads with `weights_only=True`, which refuses a forged pickle
+    (good) with a many-line traceback (not good), and does not say which file."""
+    import pickle
+    try:
+        accelerator.load_state(state_dir)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"--resume: {refusal(culprit(state_dir) or state_dir, e)}") from None
+
+
+def culprit(state_dir):
+    """The first pickle file under `state_dir` that accelerate's loader refuses, or None."""
+    from accelerate.utils import load
+    for root, _, names in sorted(os.walk(state_dir)):
+        for name in sorted(names):
+            if name.endswith((".bin", ".pkl", ".pt", ".pth")):
+                path = os.path.join(root, name)
+                try:
+                    load(path, map_location="cpu")
+                except Exception:
+                    return path
+    return None
+
+
 def load_torch(path):
     """`torch.load(weights_only=True)` of a state file, with one line naming a missing or
     unreadable file."""
@@ -204,4 +259,4 @@ def load_torch(path):
     except FileNotFoundError:
         raise UserError(f"--resume: {path} is missing") from None
     except Exception as e:  # truncated or corrupt: torch raises RuntimeError, EOFError, UnpicklingError...
-        raise UserError(f"--resume: cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(f"--resume: {refusal(path, e)}") from None

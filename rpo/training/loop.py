@@ -4,6 +4,7 @@ the optimizer step — and the cadence around it: EMA and logging at each optimi
 rollout refresh, checkpoints, validation. The loop calls its parts without asking what they
 are; `rpo/training/build.py` turns the options into them.
 """
+import contextlib
 import os
 import time
 from contextlib import nullcontext
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rpo.preempt import REQUEUE_EXIT, Preemption
 from rpo.training import checkpoint
 from rpo.training.plots import append_history, write_plots
 from rpo.training.state import save_checkpoint
@@ -49,6 +51,7 @@ class TrainLoop:
         self.ema, self.state, self.cadence, self.max_grad_norm = ema, state, cadence, max_grad_norm
         self.logdir, self.args, self.batch_size, self.validator = logdir, args, batch_size, validator
         self.on_end = on_end  # called on the main process after the last step (e.g. the pipeline export)
+        self.guards = contextlib.ExitStack()  # what the run holds until it ends (build: the logdir lock)
 
     # ------------------------------------------------------------------ one micro-step
     def micro_step(self, step):
@@ -65,6 +68,13 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ the run
     def run(self):
+        """Train to `num_steps`; on SIGTERM / SIGUSR1 (a scheduler's preemption) finish the
+        current accumulation window — a checkpoint mid-window would lose its gradients —
+        write a checkpoint there and exit with `REQUEUE_EXIT` (rpo/preempt.py)."""
+        with self.guards, Preemption() as preemption:
+            self.train(preemption)
+
+    def train(self, preemption):
         acc, c, state = self.accelerator, self.cadence, self.state
         self.finish_interrupted_validation()
         bar = tqdm(range(state.step + 1, c.num_steps + 1), initial=state.step, total=c.num_steps,
@@ -88,12 +98,23 @@ class TrainLoop:
                 write_plots(self.logdir)
             if step % c.checkpoint == 0 or (self.validator is not None and step % c.validation == 0):
                 tic = time.perf_counter()  # seconds_per_step measures training, not saving or validating
+            if acc.sync_gradients and step < c.num_steps and preemption.requested_on_any(acc):  # every rank calls it
+                self.stop_preempted(step, preemption, bar)
         acc.end_training()
         if acc.is_main_process:
             write_plots(self.logdir)
             print(f"done: {c.num_steps} micro-steps; checkpoints in {self.logdir}")
             if self.on_end is not None:
                 self.on_end(checkpoint.final_dir(self.logdir, c.num_steps))
+
+    def stop_preempted(self, step, preemption, bar):
+        """The checkpoint of `step` (unless the cadence just wrote it), one line, REQUEUE_EXIT."""
+        if step % self.cadence.checkpoint:
+            self.save(step)
+        bar.close()
+        self.accelerator.end_training()
+        self.accelerator.print(preemption.message(step))
+        raise SystemExit(REQUEUE_EXIT)
 
     def after_update(self, step, running, seconds, bar):
         """EMA step, then the means of this accumulation's statistics over every rank, logged."""

@@ -62,31 +62,34 @@ def save_checkpoint(*, logdir, accelerator, model, params, ema, state, args, fam
         checkpoint.begin(logdir, step)
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # on every rank: a collective under DeepSpeed ZeRO-3 / FSDP
-    if accelerator.is_main_process:
-        params.save_weights(os.path.join(path, params.weights_dir), weights=weights)
-        if ema is not None:
-            params.save_weights(os.path.join(path, params.ema_dir), weights=weights, ema_shadows=ema.named_shadows())
-        if params.save_merged:  # LoRA --save_merged_unet: a plain UNet folder of what inference uses
-            shadows = ema.named_shadows() if ema is not None else None
-            params.save_merged_unet(os.path.join(path, "ema" if ema is not None else "unet"), weights=weights,
-                                    ema_shadows=shadows)
-    state_dir = os.path.join(path, "state")
-    accelerator.save_state(state_dir)
-    torch.save(state.rank_state_dict(), os.path.join(state_dir, f"rank{accelerator.process_index}.pt"))
-    rollout = params.rollout_state()
-    if rollout is not None and accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in rollout.items()}, os.path.join(state_dir, "rollout_unet.safetensors"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        trainer = {"step": step, "expert_batches_used": state.expert_batches_used,
-                   "world": accelerator.num_processes, "args": dict(args)}
-        if ema is not None:
-            trainer["ema"] = ema.state_dict()
-        torch.save(trainer, os.path.join(state_dir, "trainer.pt"))  # marks the state complete
-        checkpoint.write_checksums(state_dir)  # what resume verifies before it loads anything
-        write_card(path, final=checkpoint.final_dir(logdir, step), args=args, family=family, step=step,
-                   world=accelerator.num_processes)
-        checkpoint.commit(logdir, step, keep, keep_weights)
+    # weights, EMA, AdamW's two moments: a full disk is one line naming what the write needs
+    needed = checkpoint.tensor_bytes(weights) * (4 if ema is not None else 3)
+    with checkpoint.disk_guard(logdir, step, needed):
+        if accelerator.is_main_process:
+            params.save_weights(os.path.join(path, params.weights_dir), weights=weights)
+            if ema is not None:
+                params.save_weights(os.path.join(path, params.ema_dir), weights=weights, ema_shadows=ema.named_shadows())
+            if params.save_merged:  # LoRA --save_merged_unet: a plain UNet folder of what inference uses
+                shadows = ema.named_shadows() if ema is not None else None
+                params.save_merged_unet(os.path.join(path, "ema" if ema is not None else "unet"), weights=weights,
+                                        ema_shadows=shadows)
+        state_dir = os.path.join(path, "state")
+        accelerator.save_state(state_dir)
+        torch.save(state.rank_state_dict(), os.path.join(state_dir, f"rank{accelerator.process_index}.pt"))
+        rollout = params.rollout_state()
+        if rollout is not None and accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in rollout.items()}, os.path.join(state_dir, "rollout_unet.safetensors"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            trainer = {"step": step, "expert_batches_used": state.expert_batches_used,
+                       "world": accelerator.num_processes, "args": dict(args)}
+            if ema is not None:
+                trainer["ema"] = ema.state_dict()
+            torch.save(trainer, os.path.join(state_dir, "trainer.pt"))  # marks the state complete
+            checkpoint.write_checksums(state_dir)  # what resume verifies before it loads anything
+            write_card(path, final=checkpoint.final_dir(logdir, step), args=args, family=family, step=step,
+                       world=accelerator.num_processes)
+            checkpoint.commit(logdir, step, keep, keep_weights)
     accelerator.wait_for_everyone()
     return checkpoint.final_dir(logdir, step)
 
@@ -113,7 +116,7 @@ def check_resume(trainer, *, path, world, args, invariants, defaults=None):
 def load_checkpoint(*, path, trainer, accelerator, params, ema, state):
     """Restore what `save_checkpoint` wrote into the prepared objects and `state`."""
     state_dir = os.path.join(path, "state")
-    accelerator.load_state(state_dir)
+    checkpoint.load_accelerator_state(accelerator, state_dir)  # a forged pickle: one line naming the file
     if ema is not None:
         ema.load_state_dict(trainer["ema"], device=accelerator.device)
     state.load_rank_state_dict(checkpoint.load_torch(os.path.join(state_dir, f"rank{accelerator.process_index}.pt")))
