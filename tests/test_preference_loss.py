@@ -168,7 +168,7 @@ def test_kto_finite_differences_and_one_label_batches():
     loss, _ = kto_loss(m, torch.tensor(R), torch.tensor(D), beta=beta)
     loss.backward()
     for i in range(len(M)):
-        h = 1e-3
+        h = 1e-6
         plus, minus = list(M), list(M)
         plus[i] += h
         minus[i] -= h
