@@ -179,6 +179,21 @@ def load_hf_dataset(name, image_column="image", caption_column="text", cache_dir
     ({bytes, path}) so that images decode here, by row, with `to_rgb`."""
     import datasets
 
+    data = open_hf_dataset(name, cache_dir)
+    for column, flag_name in ((image_column, "--image_column"), (caption_column, "--caption_column")):
+        if column not in data.column_names:
+            raise UserError(f"--train_dataset_name {name} has no column '{column}' (it has "
+                            f"{', '.join(map(repr, data.column_names))}): pass {flag_name}")
+    if isinstance(data.features[image_column], datasets.Image):
+        data = data.cast_column(image_column, datasets.Image(decode=False))
+    return data.select_columns([image_column, caption_column])
+
+
+def open_hf_dataset(name, cache_dir=None):
+    """The `train` split of `name` (a hub id, a local data folder, a save_to_disk folder),
+    all columns; one UserError line when it cannot be loaded."""
+    import datasets
+
     try:
         if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             data = datasets.load_from_disk(name)  # a save_to_disk folder: load_dataset does not read those
@@ -193,13 +208,7 @@ def load_hf_dataset(name, image_column="image", caption_column="text", cache_dir
     except Exception as e:  # load_dataset raises many types (not found, offline, no such split, bad files)
         hint = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         raise UserError(f"cannot load --train_dataset_name {name}: {hint}") from None
-    for column, flag_name in ((image_column, "--image_column"), (caption_column, "--caption_column")):
-        if column not in data.column_names:
-            raise UserError(f"--train_dataset_name {name} has no column '{column}' (it has "
-                            f"{', '.join(map(repr, data.column_names))}): pass {flag_name}")
-    if isinstance(data.features[image_column], datasets.Image):
-        data = data.cast_column(image_column, datasets.Image(decode=False))
-    return data.select_columns([image_column, caption_column])
+    return data
 
 
 def row_image(value):
