@@ -304,3 +304,15 @@ def test_bad_sources_are_one_line_naming_the_path(tmp_path):
             make()
         text = str(error.value)
         assert message in text and path in text and "\n" not in text, text
+
+
+def test_tiny_kits_are_read_back_and_deterministic(tmp_path):
+    from rpo.tiny.__main__ import KITS
+    for kind, reader in (("pairs", PairDataset), ("labels", LabelledDataset)):
+        KITS[kind](str(tmp_path / f"{kind}-a"), seed=0)
+        KITS[kind](str(tmp_path / f"{kind}-b"), seed=0)
+        assert read_tree(tmp_path / f"{kind}-a") == read_tree(tmp_path / f"{kind}-b")
+        data = reader(str(tmp_path / f"{kind}-a"), 32)
+        assert len(data) >= 6 and data[(0, 1)]["pixel_values"].shape[1:] == (3, 32, 32)
+    labels = LabelledDataset(str(tmp_path / "labels-a"), 32).items
+    assert {item.desirable for item in labels} == {True, False}
