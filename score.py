@@ -16,6 +16,19 @@ scores.json adds wins, ties and losses apart and a bootstrap 95 % interval per m
 `--report FILE.html` also writes one self-contained page (tables, confidence intervals,
 win rates, a per-prompt gallery of thumbnails; rpo/scores/html_report.py).
 
+Comparing methods, as the paper's tables do (rpo/scores/comparison.py):
+
+    python score.py --pickscore --hpsv2 --aestheticv1 --clip --imagereward \
+        --method "DRO=pickapic:out/dro/pickapic,anime:out/dro/hpdv2_anime" \
+        --method "SD1.5=pickapic:out/sd15/pickapic,anime:out/sd15/hpdv2_anime" \
+        --reference DRO --method_logdir DRO=logs/dro --output out/compare --report out/compare/index.html
+
+writes `table3.csv` (methods × metric × benchmark, mean ± std, best marked), `table1.csv`
+(the reference's win rate against each other method per metric and benchmark, with
+bootstrap interval, wins, ties, losses) and `comparison.json` under OUTPUT, and with
+`--report` one page with both tables, charts, training curves and a two-method gallery
+(rpo/scores/comparison_page.py). `--config FILE.yaml` may hold the `method:` list.
+
 Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py),
 appended batch by batch while scoring: a rerun, even of a killed run, scores only new,
 changed or missing images. Every dir and `--output` must be writable (checked first). Each scorer is loaded once for all dirs; with
