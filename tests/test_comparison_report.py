@@ -294,3 +294,17 @@ def test_comparison_page_in_headless_chromium(run, tmp_path):
     if os.environ.get("RPO_TEST_ARTIFACTS"):
         os.makedirs(os.path.join(os.path.dirname(__file__), "artifacts"), exist_ok=True)
         shutil.copy(screenshot, os.path.join(os.path.dirname(__file__), "artifacts", "comparison_report.png"))
+
+
+def test_a_yaml_config_holds_the_methods(run, scorer_weights):
+    """The spec-file way: --config FILE.yaml with the method list gives the same comparison."""
+    import yaml
+    args = run["args"]
+    methods = [args[i + 1] for i, a in enumerate(args) if a == "--method"]
+    config = run["root"] / "compare.yaml"
+    config.write_text(yaml.safe_dump({"method": methods, "reference": "DRO", "method_logdir": [args[args.index("--method_logdir") + 1]],
+                                      "gallery_prompts": 3, "pickscore": True, "hpsv2": True}))
+    out = run["root"] / "from-yaml"
+    assert run_score(["--config", str(config), "--num_workers", "0", "--weights_dir", scorer_weights,
+                      "--output", str(out)]) == 0
+    assert json.load(open(out / "comparison.json")) == run["comparison"]
