@@ -316,3 +316,29 @@ def test_tiny_kits_are_read_back_and_deterministic(tmp_path):
         assert len(data) >= 6 and data[(0, 1)]["pixel_values"].shape[1:] == (3, 32, 32)
     labels = LabelledDataset(str(tmp_path / "labels-a"), 32).items
     assert {item.desirable for item in labels} == {True, False}
+
+
+def test_export_killed_mid_stream_resumes_to_the_same_output(exported, capsys, monkeypatch):
+    """A kill after the first shard (pass 1) leaves its row index and images; the rerun
+    reads only the other shards and writes what an uninterrupted run writes."""
+    from rpo.data import preference_export
+    root, dataset = exported
+    clean = root / "clean"
+    run_tool(capsys, "--dataset", dataset, "--mode", "pairs", "--cache", clean / "cache", "--output", clean / "out")
+    real, seen = preference_export.store_readable, []
+
+    def dies_in_the_second_shard(row, store):
+        seen.append(row["image_0_uid"])
+        if len(seen) > 3:          # 3 rows a shard: the 4th row is the second shard's first
+            raise KeyboardInterrupt("killed")
+        real(row, store)
+
+    monkeypatch.setattr(preference_export, "store_readable", dies_in_the_second_shard)
+    killed = root / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_tool(capsys, "--dataset", dataset, "--mode", "pairs", "--cache", killed / "cache", "--output", killed / "out")
+    assert not os.path.exists(killed / "out")
+    monkeypatch.setattr(preference_export, "store_readable", real)
+    out = run_tool(capsys, "--dataset", dataset, "--mode", "pairs", "--cache", killed / "cache", "--output", killed / "out")
+    assert "shard 1/3" not in out and "shard 2/3" in out and "shard 3/3" in out
+    assert read_tree(killed / "out") == read_tree(clean / "out")
