@@ -205,7 +205,8 @@ def scan_pair_dataset(data, name, caption_column=None, check_images=True):
     """Items of a `datasets` table of pairs (module docstring); images stay in the table."""
     pickapic = all(c in data.column_names for c in ("jpg_0", "jpg_1", "label_0", "label_1"))
     caption_column = caption_column or ("caption" if pickapic else "text")
-    _require(data, name, [caption_column] + (["jpg_0", "jpg_1", "label_0", "label_1"] if pickapic else list(PAIR_SIDES)))
+    columns = ["jpg_0", "jpg_1", "label_0", "label_1"] if pickapic else list(PAIR_SIDES)
+    _require(data, name, [caption_column] + columns)
     if len(data) == 0:
         raise UserError(f"dataset {name}: the train split is empty")
     if pickapic:

@@ -89,8 +89,9 @@ def label_items(images, store, info):
     for i, image in enumerate(images):
         path = store.path(image.uid)
         label = "desirable" if image.desirable else "undesirable"
-        items.append((item_name(i, len(images)), image.caption, f"{pickapic.safe_name(image.uid)}.{image_extension(path)}",
-                      path, {**info, "uid": image.uid, "label": label, "row": image.where}, {"label.txt": label + "\n"}))
+        file_name = f"{pickapic.safe_name(image.uid)}.{image_extension(path)}"
+        items.append((item_name(i, len(images)), image.caption, file_name, path,
+                      {**info, "uid": image.uid, "label": label, "row": image.where}, {"label.txt": label + "\n"}))
     return items
 
 

@@ -87,7 +87,8 @@ def kto_loss(model_errors, ref_errors, desirable, beta=KTO_BETA, lambda_desirabl
         torch.as_tensor(reference_point, dtype=torch.float32, device=model_errors.device).detach()
     reward = (ref_errors - model_errors) - z0
     sign = desirable.float() * 2 - 1
-    weight = torch.where(desirable, torch.full_like(reward, lambda_desirable), torch.full_like(reward, lambda_undesirable))
+    weight = torch.where(desirable, torch.full_like(reward, lambda_desirable),
+                         torch.full_like(reward, lambda_undesirable))
     loss = (weight * (1 - torch.sigmoid(sign * beta * reward))).mean()
 
     def label_mean(mask):
