@@ -188,3 +188,36 @@ def test_shape_and_label_errors():
         kto_loss(a, a, torch.ones(3))
     with pytest.raises(ValueError, match="desirable has shape"):
         kto_loss(a, a, torch.ones(2, dtype=torch.bool))
+
+
+def test_kto_from_prediction_tensors_flow_velocity_target():
+    """One micro-step's shape for a flow-matching family: target = ε − x0 per image; the
+    gradient w.r.t. the model's predictions against a central difference of the formula
+    written with F.mse_loss, the reference point held at its value (it is detached)."""
+    g = torch.Generator().manual_seed(1)
+    b, shape = 4, (4, 6, 6)
+    x0, eps = torch.randn(b, *shape, generator=g), torch.randn(b, *shape, generator=g)
+    target = (eps - x0).double()
+    desirable = torch.tensor([True, False, True, False])
+    model = (target + 0.2 * torch.randn(target.shape, generator=g, dtype=torch.float64)).requires_grad_()
+    ref = target + 0.2 * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    beta = 50.0
+    ref_err = F.mse_loss(ref, target, reduction="none").mean(dim=(1, 2, 3))
+    z0 = max((ref_err - F.mse_loss(model.detach(), target, reduction="none").mean(dim=(1, 2, 3))).mean().item(), 0.0)
+
+    def written_out(pred):
+        reward = ref_err - F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) - z0
+        sign = torch.where(desirable, 1.0, -1.0).double()
+        return torch.sigmoid(-sign * beta * reward).mean()
+
+    loss, stats = kto_loss(per_sample_mse(model, target), per_sample_mse(ref, target), desirable, beta=beta)
+    assert stats["reference_point"].item() == pytest.approx(z0, rel=1e-5, abs=1e-9)
+    assert loss.item() == pytest.approx(written_out(model.detach()).item(), rel=1e-5)
+    loss.backward()
+    for index in [(0, 0, 0, 0), (1, 2, 3, 4), (3, 3, 5, 5)]:
+        h = 1e-6
+        plus, minus = model.detach().clone(), model.detach().clone()
+        plus[index] += h
+        minus[index] -= h
+        numeric = (written_out(plus) - written_out(minus)).item() / (2 * h)
+        assert model.grad[index].item() == pytest.approx(numeric, rel=1e-3, abs=1e-9), index
