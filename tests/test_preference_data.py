@@ -342,3 +342,20 @@ def test_export_killed_mid_stream_resumes_to_the_same_output(exported, capsys, m
     out = run_tool(capsys, "--dataset", dataset, "--mode", "pairs", "--cache", killed / "cache", "--output", killed / "out")
     assert "shard 1/3" not in out and "shard 2/3" in out and "shard 3/3" in out
     assert read_tree(killed / "out") == read_tree(clean / "out")
+
+
+def test_pairs_batch_through_a_dataloader_with_expert_batches(tmp_path):
+    """What a pair source will do: ExpertBatches keys, DataLoader workers, default collation;
+    a key gives the same pixels in a worker as in this process."""
+    from rpo.data.folders import ExpertBatches
+    from rpo.tiny.datasets import write_tiny_pairs
+    write_tiny_pairs(str(tmp_path / "pairs"))
+    data = PairDataset(str(tmp_path / "pairs"), 32, random_flip=True, random_crop=True)
+    sampler = ExpertBatches(len(data), batch_size=3, seed=5)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=1)
+    batch = next(iter(loader))
+    keys = next(iter(ExpertBatches(len(data), batch_size=3, seed=5)))
+    assert batch["pixel_values"].shape == (3, 2, 3, 32, 32) and batch["original_size"].shape == (3, 2, 2)
+    assert batch["index"].tolist() == [k[0] for k in keys] and len(batch["caption"]) == 3
+    for row, key in enumerate(keys):
+        assert torch.equal(batch["pixel_values"][row], data[key]["pixel_values"])
