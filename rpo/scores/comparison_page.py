@@ -49,9 +49,11 @@ def comparison_tables(comparison):
 
 # ---- tables -----------------------------------------------------------------------------
 
-def _column_head(metrics, benches):
-    return ("<tr>" + "".join(f'<th colspan="{len(benches)}">{E(m)}</th>' for m in metrics) + "</tr><tr>"
-            + "".join(f"<th>{E(b)}</th>" for _ in metrics for b in benches) + "</tr>")
+def _head(corner, metrics, benches):
+    """Two header rows: `corner` (spanning both), then one column per metric × benchmark."""
+    return (f'<thead><tr><th rowspan="2">{E(corner)}</th>'
+            + "".join(f'<th colspan="{len(benches)}">{E(m)}</th>' for m in metrics) + "</tr><tr>"
+            + "".join(f"<th>{E(b)}</th>" for _ in metrics for b in benches) + "</tr></thead>")
 
 
 def table3_html(comparison):
@@ -69,8 +71,7 @@ def table3_html(comparison):
                 tds.append(f'<td{best} data-method="{E(method["name"])}" data-benchmark="{E(b)}" data-metric="{E(m)}">'
                            f'{"<strong>" + text + "</strong>" if r["best"] else text}</td>')
         body.append(f'<tr><td class="name">{E(method["name"])}</td>{"".join(tds)}</tr>')
-    return (f'<table id="table3" class="grid"><thead><tr><th rowspan="2">method</th>'
-            f'{_column_head(metrics, benches)[4:]}</thead><tbody>{"".join(body)}</tbody></table>')
+    return f'<table id="table3" class="grid">{_head("method", metrics, benches)}<tbody>{"".join(body)}</tbody></table>'
 
 
 def table1_html(comparison):
@@ -94,8 +95,8 @@ def table1_html(comparison):
                            f'<span class="wtl">{r["wins"]}/{r["ties"]}/{r["losses"]}</span> of '
                            f'<span class="prompts">{r["prompts"]}</span></td>')
         body.append(f'<tr><td class="name">{E(method["name"])}</td>{"".join(tds)}</tr>')
-    return (f'<table id="table1" class="grid"><thead><tr><th rowspan="2">{E(comparison["reference"])} against</th>'
-            f'{_column_head(metrics, benches)[4:]}</thead><tbody>{"".join(body)}</tbody></table>')
+    head = _head(f'{comparison["reference"]} against', metrics, benches)
+    return f'<table id="table1" class="grid">{head}<tbody>{"".join(body)}</tbody></table>'
 
 
 # ---- charts (inline SVG) ----------------------------------------------------------------
