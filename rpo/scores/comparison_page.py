@@ -147,9 +147,11 @@ def win_chart(comparison, metric):
     if not rows:
         return ""
     label_width, bar_width, line = 220, 300, 18
-    height = 20 + line * len(rows)
+    height = 32 + line * len(rows)
     x = lambda rate: label_width + rate * bar_width  # noqa: E731
-    parts = [f'<line x1="{x(0.5)}" y1="5" x2="{x(0.5)}" y2="{height - 5}" stroke="#999" stroke-dasharray="3,3"/>']
+    parts = [f'<line x1="{x(0.5)}" y1="5" x2="{x(0.5)}" y2="{height - 17}" stroke="#999" stroke-dasharray="3,3"/>']
+    parts += [f'<text x="{x(tick)}" y="{height - 4}" text-anchor="middle" font-size="10">{100 * tick:.0f} %</text>'
+              for tick in (0.0, 0.5, 1.0)]
     for k, r in enumerate(rows):
         y0 = 10 + line * k
         i = [m["name"] for m in comparison["methods"]].index(r["against"])
