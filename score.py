@@ -16,6 +16,19 @@ scores.json adds wins, ties and losses apart and a bootstrap 95 % interval per m
 `--report FILE.html` also writes one self-contained page (tables, confidence intervals,
 win rates, a per-prompt gallery of thumbnails; rpo/scores/html_report.py).
 
+Comparing methods, as the paper's tables do (rpo/scores/comparison.py):
+
+    python score.py --pickscore --hpsv2 --aestheticv1 --clip --imagereward \
+        --method "DRO=pickapic:out/dro/pickapic,anime:out/dro/hpdv2_anime" \
+        --method "SD1.5=pickapic:out/sd15/pickapic,anime:out/sd15/hpdv2_anime" \
+        --reference DRO --method_logdir DRO=logs/dro --output out/compare --report out/compare/index.html
+
+writes `table3.csv` (methods × metric × benchmark, mean ± std, best marked), `table1.csv`
+(the reference's win rate against each other method per metric and benchmark, with
+bootstrap interval, wins, ties, losses) and `comparison.json` under OUTPUT, and with
+`--report` one page with both tables, charts, training curves and a two-method gallery
+(rpo/scores/comparison_page.py). `--config FILE.yaml` may hold the `method:` list.
+
 Per-image scores are cached in each dir (`scores_cache.json`, see rpo/scores/folders.py),
 appended batch by batch while scoring: a rerun, even of a killed run, scores only the
 batches holding new, changed or missing images (each whole, as a fresh run batches it, so the
@@ -40,6 +53,9 @@ from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_
 from rpo.models import offline_unless_hub_reachable
 from rpo.scores import HPS_VERSIONS, METRICS, load_scorer
 from rpo.scores.folders import CacheAppender, has_side_files, read_cache, scan_image_dir, write_cache
+from rpo.scores.comparison import (benchmarks, check_methods, curves, gallery_data, table1, table1_csv, table3,
+                                   table3_csv)
+from rpo.scores.comparison_page import comparison_tables, write_comparison_page
 from rpo.scores.html_report import write_html_report
 from rpo.scores.loop import score_entries, shard
 from rpo.scores.report import (scores_csv, scores_table, summarize, win_rate, win_rate_bootstrap, win_rate_csv,
@@ -71,11 +87,22 @@ def build_parser():
     parser.add_argument("--output", default=".", help="folder for scores.csv / scores.json (default: current folder)")
     parser.add_argument("--report", default=None, metavar="FILE.html",
                         help="also write one self-contained HTML page: tables, win rates, per-prompt gallery")
+    parser.add_argument("--method", action="append", default=[], metavar="NAME=BENCH:DIR[,BENCH:DIR...]",
+                        help="compare methods (repeatable): a display name and its image folder per benchmark; "
+                             "writes table3.csv, table1.csv and comparison.json (and the page with --report)")
+    parser.add_argument("--reference", default=None, metavar="NAME",
+                        help="with --method: the method whose win rate against each other one Table 1 shows "
+                             "(default: the first --method)")
+    parser.add_argument("--method_logdir", action="append", default=[], metavar="NAME=LOGDIR",
+                        help="with --method: a method's training logdir; its history.jsonl is drawn on the page")
+    parser.add_argument("--gallery_prompts", type=int, default=20,
+                        help="with --method --report: prompts per benchmark in the page's gallery (page size grows "
+                             "with it: ~16 KB per image)")
     return parser
 
 
 def check_args(args):
-    metrics = [m for m in METRICS if getattr(args, m) or (m == "pickscore" and args.compare)]
+    metrics = [m for m in METRICS if getattr(args, m) or (m == "pickscore" and (args.compare or args.method))]
     if not metrics:
         raise UserError("no metric chosen: pass one or more of " + " ".join(f"--{m}" for m in METRICS))
     if args.hps_version not in HPS_VERSIONS:
@@ -84,6 +111,15 @@ def check_args(args):
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.num_workers < 0:
         raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.method and (args.dir or args.compare):
+        raise UserError("--method names every folder to score: leave out --dir and --compare")
+    if not args.method and (args.reference or args.method_logdir):
+        raise UserError("--reference and --method_logdir need --method")
+    if args.gallery_prompts < 0:
+        raise UserError(f"--gallery_prompts must be 0 or more, got {args.gallery_prompts}")
+    if args.method:
+        args.methods, args.reference = check_methods(args.method, args.reference, args.method_logdir)
+        args.dir = [folder for m in args.methods for folder in m.dirs.values()]
     if not args.dir:
         raise UserError("no --dir given: pass the image folders to score")
     if args.weights_dir is not None and not os.path.isdir(args.weights_dir):
@@ -94,6 +130,8 @@ def check_args(args):
     for d in args.dir + ([args.compare] if args.compare else []):
         if os.path.realpath(d) not in [os.path.realpath(x) for x in dirs]:
             dirs.append(d)
+    for m in getattr(args, "methods", []):
+        m.index = {b: [os.path.realpath(x) for x in dirs].index(os.path.realpath(d)) for b, d in m.dirs.items()}
     return metrics, dirs
 
 
@@ -111,7 +149,7 @@ def check_report_path(path):
         raise UserError(f"--report {path}: not writable")
 
 
-def check_comparable(folders, base):
+def check_comparable(folders, base, option="--compare"):
     """Every dir shares prompts with the base, under the same captions (before any model loads)."""
     base_captions = {p.name: p.caption for p in base.prompts}
     for folder in folders:
@@ -119,10 +157,10 @@ def check_comparable(folders, base):
             continue
         shared = [p for p in folder.prompts if p.name in base_captions]
         if not shared:
-            raise UserError(f"--compare: {folder.root} and {base.root} have no prompt folder in common")
+            raise UserError(f"{option}: {folder.root} and {base.root} have no prompt folder in common")
         for prompt in shared:
             if prompt.caption != base_captions[prompt.name]:
-                raise UserError(f"--compare: prompt {prompt.name} differs between {folder.root} and {base.root}")
+                raise UserError(f"{option}: prompt {prompt.name} differs between {folder.root} and {base.root}")
 
 
 def json_safe(value):
@@ -201,6 +239,8 @@ def main(argv=None):
     base = folders[is_base.index(True)] if args.compare else None
     if base is not None:
         check_comparable(folders, base)
+    if args.method:
+        check_methods_comparable(args.methods, args.reference, folders)
 
     offline_unless_hub_reachable([args.weights_dir])  # None: the scorers' weights come from the hub
     accelerator = Accelerator(cpu=cpu_ranks())
@@ -212,7 +252,10 @@ def main(argv=None):
         scored = score_folders(folders, scorers, accelerator, args.batch_size, args.num_workers)
         accelerator.end_training()
         if accelerator.is_main_process:
-            write_report(args, dirs, folders, base, {m: s.version for m, s in scorers.items()}, *scored)
+            versions = {m: s.version for m, s in scorers.items()}
+            summaries, per_dir = write_report(args, dirs, folders, base, versions, *scored)
+            if args.method:
+                write_comparison(args, folders, summaries, per_dir, versions)
 
 
 def locked_folders(dirs, is_base, output):
@@ -224,6 +267,40 @@ def locked_folders(dirs, is_base, output):
             seen.add(os.path.realpath(folder))
             found.append((folder, option))
     return sorted(found, key=lambda entry: os.path.realpath(entry[0]))
+
+
+def check_methods_comparable(methods, reference, folders):
+    """Per benchmark, every method's folder shares prompts (same captions) with the
+    reference's (or, without it there, the first method's) — before any model loads."""
+    for bench in benchmarks(methods):
+        having = [m for m in methods if bench in m.index]
+        base = next((m for m in having if m.name == reference), having[0])
+        check_comparable([folders[m.index[bench]] for m in having], folders[base.index[bench]],
+                         f"--method (benchmark {bench})")
+
+
+def write_comparison(args, folders, summaries, per_dir, versions):
+    """table3.csv, table1.csv and comparison.json under --output; the page with --report."""
+    methods, metrics, benches = args.methods, list(versions), benchmarks(args.methods)
+    prompts = [{p.name: p.images for p in folder.prompts} for folder in folders]
+    comparison = {
+        "metrics": versions, "benchmarks": benches, "reference": args.reference, "bootstrap": BOOTSTRAP,
+        "methods": [{"name": m.name, "dirs": m.dirs, "logdir": m.logdir} for m in methods],
+        "table3": table3(methods, benches, metrics, summaries),
+        "table1": table1(methods, args.reference, benches, metrics, prompts, per_dir, BOOTSTRAP),
+        "curves": {m.name: curves(m.logdir) for m in methods if m.logdir},
+        "gallery": gallery_data(methods, benches, folders, per_dir, metrics, args.gallery_prompts),
+    }
+    comparison = json_safe(comparison)
+    print()
+    print(comparison_tables(comparison))
+    write_text(os.path.join(args.output, "table3.csv"), table3_csv(comparison["table3"]))
+    write_text(os.path.join(args.output, "table1.csv"), table1_csv(comparison["table1"]))
+    write_text(os.path.join(args.output, "comparison.json"), json.dumps(comparison, indent=1))
+    print(f"wrote table3.csv, table1.csv and comparison.json to {args.output}", file=sys.stderr)
+    if args.report is not None:
+        write_comparison_page(args.report, comparison, args.methods)
+        print(f"wrote {args.report}", file=sys.stderr)
 
 
 def write_report(args, dirs, folders, base, versions, entries, scores, errors):
@@ -263,11 +340,12 @@ def write_report(args, dirs, folders, base, versions, entries, scores, errors):
     report = json_safe(report)   # the page shows exactly what scores.json holds
     write_text(os.path.join(args.output, "scores.json"), json.dumps(report, indent=1))
     print(f"\nwrote {os.path.join(args.output, 'scores.csv')} and scores.json", file=sys.stderr)
-    if args.report is not None:
+    if args.report is not None and not args.method:
         if not any(entry["scores"] for entry in report["dirs"]):
             raise UserError(f"--report {args.report}: no image could be scored (all unreadable), no page written")
         write_html_report(args.report, report, [{p.name: p.caption for p in folder.prompts} for folder in folders])
         print(f"wrote {args.report}", file=sys.stderr)
+    return summaries, per_dir
 
 
 if __name__ == "__main__":

@@ -21,6 +21,12 @@ completes a partial output. `--preferred` keeps only images the user chose (labe
 least one row); a tie (0.5/0.5) is not a choice, so tied images are kept only with
 `--no-preferred` (see rpo/data/selection.py). Unreadable images are skipped, counted and
 reported.
+
+`--mode pairs` writes every labelled pair instead (`<i>/caption.txt`, `win.jpg`, `lose.jpg`,
+`info.json`; ties dropped, duplicates and unreadable images named and skipped), for
+Diffusion-DPO; `--mode labels` every image with its label (`<i>/caption.txt`, `<uid>.jpg`,
+`label.txt` = desirable or undesirable, `info.json`), for Diffusion-KTO. Nothing is scored
+(rpo/data/preference_export.py).
 """
 import argparse
 import contextlib
@@ -28,12 +34,11 @@ import os
 import statistics
 from collections import Counter
 
-from PIL import Image
-
 from rpo.data import pickapic
 from rpo.cli import UserError, check_writable, cpu_ranks, flag, parse_args, run_main
 from rpo.scores.images import score_images
-from rpo.data.items import item_name, write_items
+from rpo.data.items import image_extension, item_name, write_items
+from rpo.data import preference_export
 from rpo.data.score_cache import ScoreCache
 from rpo.lock import DirectoryLock
 from rpo.models import offline_unless_hub_reachable
@@ -45,6 +50,9 @@ ALIASES = {"aesthetic": "aestheticv1"}  # the name the paper's code (basiclab/Di
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m tools.pickapic", description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=("experts",) + preference_export.MODES, default="experts",
+                   help="experts: the --top best images by --score; pairs: every labelled pair (preferred, other) "
+                        "for DPO; labels: every image labelled desirable/undesirable for KTO (no scoring)")
     p.add_argument("--cache", default="./data/cache", help="folder for score caches and resume state")
     p.add_argument("--version", choices=("v1", "v2"), default="v2", help="Pick-a-Pic version (sets the default --dataset)")
     p.add_argument("--dataset", default=None,
@@ -72,6 +80,8 @@ def check_args(args):
     if args.num_proc < 0:
         raise UserError(f"--num_proc must be >= 0, got {args.num_proc}")
     args.dataset = args.dataset or pickapic.hub_id(args.version)
+    if args.output is None and args.mode != "experts":
+        args.output = f"./data/pickapic{args.version}_{args.split}_{args.mode}"
     if args.output is None:
         kind = "preferred" if args.preferred else "nopreferred"
         suffix = "_per_caption" if args.per_caption else ""
@@ -134,11 +144,6 @@ def process_shards(args, shards, scores, index, store, scorer, rank, world, devi
               f"{len(rows)} rows, {scored} images scored", flush=True)
 
 
-def image_extension(path):
-    with Image.open(path) as image:
-        return {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(image.format, "png")
-
-
 def finish(args, shards, scores, index, store, metric_version):
     """Main process: select from the complete cache and write the folder dataset."""
     scores.reload()
@@ -193,6 +198,17 @@ def finish(args, shards, scores, index, store, metric_version):
     return chosen
 
 
+def run_preference(args, shards, rank, world, barrier):
+    """--mode pairs|labels: no scorer; rpo/data/preference_export.py."""
+    root = os.path.join(args.cache, "pickapic")
+    index = preference_export.preference_index(root, args.dataset, args.split, rank)
+    store = pickapic.ImageStore(os.path.join(root, "images"))
+    preference_export.stream_shards(shards, index, store, rank, world)
+    barrier()
+    if rank == 0:
+        return preference_export.finish(args.mode, shards, index, store, root, args.dataset, args.split, args.output)
+
+
 def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
     args = check_args(args)
     # one writer per --output: the main process holds it while any process works for it
@@ -201,9 +217,12 @@ def run(args, rank=0, world=1, device="cpu", barrier=lambda: None):
 
 
 def build(args, rank, world, device, barrier):
-    """Score this process's shards; on the main process, select and write the output."""
-    offline_unless_hub_reachable([args.dataset, args.weights_dir])  # before any hub request
+    """Score this process's shards (or, --mode pairs|labels, export them); on the main
+    process, select and write the output."""
+    offline_unless_hub_reachable([args.dataset] + ([args.weights_dir] if args.mode == "experts" else []))
     shards = pickapic.list_shards(args.dataset, args.split)
+    if args.mode != "experts":
+        return run_preference(args, shards, rank, world, barrier)
     scorer = load_scorer(args.score, weights_dir=args.weights_dir, device=device, hps_version=args.hps_version)
     metric_version = f"{scorer.name}-{scorer.version}"
     root = os.path.join(args.cache, "pickapic")

@@ -183,6 +183,21 @@ def load_hf_dataset(name, image_column="image", caption_column="text", cache_dir
     ({bytes, path}) so that images decode here, by row, with `to_rgb`."""
     import datasets
 
+    data = open_hf_dataset(name, cache_dir)
+    for column, flag_name in ((image_column, "--image_column"), (caption_column, "--caption_column")):
+        if column not in data.column_names:
+            raise UserError(f"--train_dataset_name {name} has no column '{column}' (it has "
+                            f"{', '.join(map(repr, data.column_names))}): pass {flag_name}")
+    if isinstance(data.features[image_column], datasets.Image):
+        data = data.cast_column(image_column, datasets.Image(decode=False))
+    return data.select_columns([image_column, caption_column])
+
+
+def open_hf_dataset(name, cache_dir=None):
+    """The `train` split of `name` (a hub id, a local data folder, a save_to_disk folder),
+    all columns; one UserError line when it cannot be loaded."""
+    import datasets
+
     try:
         if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
             data = datasets.load_from_disk(name)  # a save_to_disk folder: load_dataset does not read those
@@ -197,13 +212,7 @@ def load_hf_dataset(name, image_column="image", caption_column="text", cache_dir
     except Exception as e:  # load_dataset raises many types (not found, offline, no such split, bad files)
         hint = f"{type(e).__name__}: {e}".strip().splitlines()[0]
         raise UserError(f"cannot load --train_dataset_name {name}: {hint}") from None
-    for column, flag_name in ((image_column, "--image_column"), (caption_column, "--caption_column")):
-        if column not in data.column_names:
-            raise UserError(f"--train_dataset_name {name} has no column '{column}' (it has "
-                            f"{', '.join(map(repr, data.column_names))}): pass {flag_name}")
-    if isinstance(data.features[image_column], datasets.Image):
-        data = data.cast_column(image_column, datasets.Image(decode=False))
-    return data.select_columns([image_column, caption_column])
+    return data
 
 
 def row_image(value):
@@ -292,31 +301,44 @@ class ExpertDataset(torch.utils.data.Dataset):
     def load(self, index, flip, rng=None):
         """Item `index`, mirrored or not; `rng` draws the random crop corner."""
         item = self.items[index]
-        try:
-            with self.open_image(index) as image:
-                original_size = (image.height, image.width)
-                if self.load_pixels:
-                    image = to_rgb(image)
-        except IMAGE_ERRORS as e:  # changed on disk since the start-up check
-            raise UserError(f"expert image {item.image} cannot be read any more ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        scale = self.resolution / min(original_size)
-        size = (max(self.resolution, round(original_size[1] * scale)), max(self.resolution, round(original_size[0] * scale)))
-        max_top, max_left = size[1] - self.resolution, size[0] - self.resolution
-        if self.random_crop:
-            top = int(torch.randint(0, max_top + 1, (), generator=rng))
-            left = int(torch.randint(0, max_left + 1, (), generator=rng))
-        else:
-            top, left = max_top // 2, max_left // 2
-        out = {"caption": item.caption, "original_size": torch.tensor(original_size),
-               "crop_top_left": torch.tensor((top, left)), "index": index, "flipped": flip}
+        image = load_transformed(lambda: self.open_image(index), item.image, self.resolution, flip,
+                                 self.random_crop, rng, self.load_pixels)
+        out = {"caption": item.caption, "original_size": image["original_size"],
+               "crop_top_left": image["crop_top_left"], "index": index, "flipped": flip}
         if self.load_pixels:
-            image = image.resize(size, Image.BILINEAR, reducing_gap=None)
-            if flip:  # flip before the crop, as the paper's code does
-                image = image.transpose(Image.FLIP_LEFT_RIGHT)
-            image = image.crop((left, top, left + self.resolution, top + self.resolution))
-            out["pixel_values"] = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+            out["pixel_values"] = image["pixel_values"]
         return out
+
+
+def load_transformed(open_image, name, resolution, flip, random_crop, rng=None, load_pixels=True):
+    """One training image as ExpertDataset gives it: {'original_size', 'crop_top_left'
+    and, with `load_pixels`, 'pixel_values'}. `open_image()` opens it; `name` is what an
+    error names. `rng` draws a random crop corner (row, then column): two images of one
+    size given generators in the same state get the same crop (preference pairs)."""
+    try:
+        with open_image() as image:
+            original_size = (image.height, image.width)
+            if load_pixels:
+                image = to_rgb(image)
+    except IMAGE_ERRORS as e:  # changed on disk since the start-up check
+        raise UserError(f"expert image {name} cannot be read any more ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    scale = resolution / min(original_size)
+    size = (max(resolution, round(original_size[1] * scale)), max(resolution, round(original_size[0] * scale)))
+    max_top, max_left = size[1] - resolution, size[0] - resolution
+    if random_crop:
+        top = int(torch.randint(0, max_top + 1, (), generator=rng))
+        left = int(torch.randint(0, max_left + 1, (), generator=rng))
+    else:
+        top, left = max_top // 2, max_left // 2
+    out = {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor((top, left))}
+    if load_pixels:
+        image = image.resize(size, Image.BILINEAR, reducing_gap=None)
+        if flip:  # flip before the crop, as the paper's code does
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.crop((left, top, left + resolution, top + resolution))
+        out["pixel_values"] = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return out
 
 
 class PromptDataset(torch.utils.data.Dataset):

@@ -10,12 +10,14 @@ the hub (docs/design.md, "Working offline").
     python -m rpo.tiny scorers  OUT   # tiny weights of the six scorers
     python -m rpo.tiny pickapic OUT   # small dataset in the Pick-a-Pic schema
     python -m rpo.tiny hpdv2    OUT   # small HPDv2 benchmark layout
+    python -m rpo.tiny pairs    OUT   # preference pairs (caption.txt, win.png, lose.png), for DPO
+    python -m rpo.tiny labels   OUT   # labelled images (caption.txt, image, label.txt), for KTO
 
 Same seed, same files.
 """
 import argparse
 
-from rpo.tiny.datasets import write_tiny_hpdv2, write_tiny_pickapic
+from rpo.tiny.datasets import write_tiny_hpdv2, write_tiny_labels, write_tiny_pairs, write_tiny_pickapic
 from rpo.tiny.pipelines import write_experts, write_prompts, write_sd15, write_sdxl
 from rpo.tiny.scorers import write_tiny_scorers
 from rpo.tiny.sd3 import write_sd3
@@ -23,6 +25,7 @@ from rpo.tiny.sd3 import write_sd3
 KITS = {
     "sd15": write_sd15, "sdxl": write_sdxl, "sd3": write_sd3, "experts": write_experts, "prompts": write_prompts,
     "scorers": write_tiny_scorers, "pickapic": write_tiny_pickapic, "hpdv2": write_tiny_hpdv2,
+    "pairs": write_tiny_pairs, "labels": write_tiny_labels,
 }
 
 

@@ -105,3 +105,34 @@ def write_tiny_hpdv2(out, seed=0, prompts_per_style=4):
         with open(os.path.join(bench, "benchmark_imgs", f"{model}.tar.gz"), "wb") as f:
             with gzip.GzipFile(filename="", fileobj=f, mode="wb", mtime=0) as gz:  # fixed header: same seed, same bytes
                 gz.write(buffer.getvalue())
+
+
+def write_tiny_pairs(out, seed=0, count=6):
+    """Preference pairs in `tools.pickapic --mode pairs`'s layout (rpo/data/preference.py):
+    `OUT/<i>/caption.txt`, `win.png`, `lose.png` (the two of a pair the same size)."""
+    rng = random.Random(seed + 7)
+    digits = len(str(count - 1))
+    for i in range(count):
+        folder = os.path.join(out, f"{i:0{digits}d}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "caption.txt"), "w") as f:
+            f.write(CAPTIONS[i % len(CAPTIONS)] + "\n")
+        width, height = rng.choice([(64, 64), (96, 64), (64, 80)])
+        for side in ("win", "lose"):
+            random_image(rng, width, height).save(os.path.join(folder, f"{side}.png"))
+
+
+def write_tiny_labels(out, seed=0, count=8):
+    """Labelled images in `tools.pickapic --mode labels`'s layout: `OUT/<i>/caption.txt`,
+    `<i>.png`, `label.txt` (desirable / undesirable, alternating from item 0)."""
+    rng = random.Random(seed + 11)
+    digits = len(str(count - 1))
+    for i in range(count):
+        folder = os.path.join(out, f"{i:0{digits}d}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "caption.txt"), "w") as f:
+            f.write(CAPTIONS[i % len(CAPTIONS)] + "\n")
+        with open(os.path.join(folder, "label.txt"), "w") as f:
+            f.write("desirable\n" if i % 2 == 0 else "undesirable\n")
+        width, height = rng.choice([(64, 64), (96, 64), (64, 80)])
+        random_image(rng, width, height).save(os.path.join(folder, f"{i:0{digits}d}.png"))
