@@ -341,3 +341,48 @@ def test_lora_over_torchao_int8_base_trains_only_adapters(fluxkit):
         model.enable_adapters()
     assert torch.equal(reference, base_out)  # the reference is the quantized base, bit for bit
     assert (adapted.float() - base_out.float()).abs().max() > 1e-3
+
+
+def bench_memory():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "memory.py")
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_flux_config_is_diffusers_defaults_but_guidance():
+    """FLUX.1's architecture keys are FluxTransformer2DModel's defaults (diffusers took them from
+    FLUX.1), except the guidance embedding, on in dev, off in schnell and in the default."""
+    import inspect
+    from diffusers import FluxTransformer2DModel
+    memory = bench_memory()
+    defaults = {k: p.default for k, p in inspect.signature(FluxTransformer2DModel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    for config, guidance in ((memory.FLUX_DEV_TRANSFORMER, True), (memory.FLUX_SCHNELL_TRANSFORMER, False)):
+        assert config["guidance_embeds"] is guidance
+        assert {k: tuple(v) if isinstance(v, tuple) else v for k, v in config.items() if k != "guidance_embeds"} == \
+            {k: defaults[k] for k in config if k != "guidance_embeds"}
+
+
+def test_bench_int8_bytes_are_torchao_storage(fluxkit):
+    """The 8-bit row's byte count (int8 weights + a float32 scale per output row, the rest bf16)
+    is what torchao stores for the tiny kit's transformer."""
+    pytest.importorskip("torchao")
+    from diffusers import FluxTransformer2DModel, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+    memory = bench_memory()
+    plain = FluxTransformer2DModel.from_pretrained(fluxkit["flux"], subfolder="transformer", torch_dtype=torch.bfloat16)
+    linears = [m for m in plain.modules() if isinstance(m, torch.nn.Linear)]
+    want = memory.quantized_bytes(sum(p.numel() for p in plain.parameters()), sum(m.weight.numel() for m in linears),
+                                  sum(m.weight.shape[0] for m in linears), "8-bit (torchao int8)")
+    model = FluxTransformer2DModel.from_pretrained(fluxkit["flux"], subfolder="transformer", torch_dtype=torch.bfloat16,
+                                                   quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+    stored = 0
+    for p in model.parameters():
+        names = getattr(p, "tensor_data_names", None)
+        parts = [getattr(p, n) for n in names] if names else [p]
+        stored += sum(t.numel() * t.element_size() for t in parts)
+    assert stored == want
