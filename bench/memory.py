@@ -216,6 +216,8 @@ def flux_saved_bytes(model, px, samples=1, text_len=FLUX_T5_LENGTH):
     + adapter) saves for backward at `px` x `px`, parameters excluded: the activations. Counted by
     storage, so views are counted once; each block's share is what it saved first."""
     import torch.nn.functional as F
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("flux_saved_bytes: nothing trains (add the adapter first), so a forward saves nothing")
     c = model.config
     tokens = (px // 16) ** 2  # 8x VAE, then 2x2 packing
     params = {p.untyped_storage()._cdata for p in model.parameters()}

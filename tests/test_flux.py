@@ -386,3 +386,32 @@ def test_bench_int8_bytes_are_torchao_storage(fluxkit):
         parts = [getattr(p, n) for n in names] if names else [p]
         stored += sum(t.numel() * t.element_size() for t in parts)
     assert stored == want
+
+
+def test_bench_flux_activation_count_is_linear_in_samples_and_tokens():
+    """The meta-device activation count: linear in the samples; 4x the image tokens
+    at most ~4x the bytes (flash-style attention keeps no tokens x tokens weights); the stock
+    attention function is back afterwards."""
+    import torch.nn.functional as F
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    memory = bench_memory()
+    sdpa = F.scaled_dot_product_attention
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                       joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                                       axes_dims_rope=(4, 6, 6)).to(torch.bfloat16).requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing trains"):
+        memory.flux_saved_bytes(model, 256, samples=1, text_len=8)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+                      adapter_name="policy")
+    one, blocks, tokens = memory.flux_saved_bytes(model, 256, samples=1, text_len=8)
+    two, _, _ = memory.flux_saved_bytes(model, 256, samples=2, text_len=8)
+    three, _, _ = memory.flux_saved_bytes(model, 256, samples=3, text_len=8)
+    big, _, _ = memory.flux_saved_bytes(model, 512, samples=1, text_len=8)
+    assert tokens == 256 and len(blocks) == 4 and 0 < sum(blocks) <= one
+    # proportional to the samples within a few % (rotary tables are shared; some views of a
+    # one-sample batch share a storage that becomes a copy with more samples)
+    assert 1.9 * one < two < 2.1 * one and 2.85 * one < three < 3.15 * one
+    assert 3 * one < big < 4.2 * one
+    assert F.scaled_dot_product_attention is sdpa
