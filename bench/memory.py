@@ -14,6 +14,10 @@ targets, the adapter counted by adding it with peft to the meta-device UNet), bf
 Part 5 (always): SD3.5 Medium, full fine-tuning and LoRA (rank 4 on the same targets): the
 transformer built on the meta device from SD35M_TRANSFORMER, the text encoders from their
 configs, in the default bf16 mode.
+Part 6 (always): FLUX.1-dev and FLUX.1-schnell LoRA over a bf16, an 8-bit or an NF4 frozen base,
+at 512 and 1024 px: static bytes from parameter counts (transformer built on the meta device
+from FLUX_DEV_TRANSFORMER), plus the activations one trainable forward saves for backward,
+counted on the meta device (no memory, no compute) with and without gradient checkpointing.
 Part 4 (--measure_sdxl_lora): the same micro-step for the full-size SDXL UNet (2.567 B
 parameters, random weights) with a rank-4 LoRA: one bf16 UNet, the reference being the base
 with adapters disabled.
@@ -65,6 +69,30 @@ SD3_VAE = dict(SD15_VAE, latent_channels=16, use_quant_conv=False, use_post_quan
 # text_encoder_3: the encoder of google/t5-v1_1-xxl (text_encoder_3/config.json)
 T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
               feed_forward_proj="gated-gelu")
+
+
+# black-forest-labs/FLUX.1-dev transformer/config.json (the architecture keys); every value
+# but guidance_embeds is FluxTransformer2DModel.__init__'s default in diffusers 0.42.1
+# (tests/test_flux.py checks it). FLUX.1-schnell: the same without the guidance embedding.
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_SCHNELL_TRANSFORMER = dict(FLUX_DEV_TRANSFORMER, guidance_embeds=False)
+FLUX_T5_LENGTH = 512  # FluxPipeline's max_sequence_length (dev's default; schnell is often run at 256)
+# (bytes per weight, bytes per output row) of a quantized nn.Linear: torchao 0.18 int8 weight-only
+# (Int8Tensor: int8 qdata + one float32 scale per output row; tests/test_flux.py checks both on the
+# tiny kit) and bitsandbytes NF4 (4 bit + one fp32 absmax per block of 64, BitsAndBytesConfig's
+# default bnb_4bit_use_double_quant=False). Other parameters and all biases stay bf16.
+FLUX_BASES = {"bf16": None, "8-bit (torchao int8)": (1.0, 4), "NF4 (bitsandbytes)": (0.5 + 4 / 64, 0)}
+
+
+def quantized_bytes(params, linear_weights, linear_rows, base):
+    """Bytes of a transformer with `params` parameters whose nn.Linear weights (`linear_weights`
+    elements in `linear_rows` output rows) are stored as FLUX_BASES[base]; the rest bf16."""
+    if FLUX_BASES[base] is None:
+        return 2 * params
+    per_weight, per_row = FLUX_BASES[base]
+    return per_weight * linear_weights + per_row * linear_rows + 2 * (params - linear_weights)
 
 
 def count(module_fn):
@@ -151,6 +179,124 @@ def sd3_table(rank=4):
             static = (2 * params + 2 * adapter, 2 * adapter, 4 * adapter, 0)
         rows.append((f"SD3.5-M {kind}", [b / GiB for b in (*static, 2 * parts["VAE"], 2 * text)]))
     return params, adapter, parts, rows
+
+
+def flux_parts():
+    """Parameter counts of FLUX.1's frozen parts other than the transformer: CLIP-L (text
+    model only: FLUX uses its pooled output), the T5-XXL encoder, the 16-channel VAE."""
+    from transformers import T5Config, T5EncoderModel
+    return {"CLIP-L": count(lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT))),
+            "T5-XXL encoder": count(lambda: T5EncoderModel(T5Config(**T5_XXL))),
+            "VAE": count(lambda: AutoencoderKL(**SD3_VAE))}
+
+
+class _FlashLikeAttention(torch.autograd.Function):
+    """What flash / memory-efficient attention keeps for backward (q, k, v, out and a float32
+    log-sum-exp per query), not the L x L weights the math fallback would save on the meta device."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("meta-device accounting only")
+
+
+def _flash_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("FLUX attention has no mask")
+    return _FlashLikeAttention.apply(query, key, value)
+
+
+def flux_saved_bytes(model, px, samples=1, text_len=FLUX_T5_LENGTH):
+    """(all, per block) bytes of the tensors one forward of `model` (meta device, bf16, frozen base
+    + adapter) saves for backward at `px` x `px`, parameters excluded: the activations. Counted by
+    storage, so views are counted once; each block's share is what it saved first."""
+    import torch.nn.functional as F
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("flux_saved_bytes: nothing trains (add the adapter first), so a forward saves nothing")
+    c = model.config
+    tokens = (px // 16) ** 2  # 8x VAE, then 2x2 packing
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen, owner, current = {}, {}, [None]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in params and storage._cdata not in seen:
+            seen[storage._cdata] = storage.nbytes()
+            owner[storage._cdata] = current[0]
+        return t
+    blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
+    hooks = [b.register_forward_pre_hook(lambda m, a, k=i: current.__setitem__(0, k)) for i, b in enumerate(blocks)]
+    hooks += [b.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)) for b in blocks]
+    kw = dict(device="meta", dtype=torch.bfloat16)
+    inputs = dict(hidden_states=torch.empty(samples, tokens, c.in_channels, **kw),
+                  encoder_hidden_states=torch.empty(samples, text_len, c.joint_attention_dim, **kw),
+                  pooled_projections=torch.empty(samples, c.pooled_projection_dim, **kw),
+                  timestep=torch.empty(samples, device="meta"), img_ids=torch.empty(tokens, 3, device="meta"),
+                  txt_ids=torch.empty(text_len, 3, device="meta"),
+                  guidance=torch.empty(samples, device="meta") if c.guidance_embeds else None)
+    sdpa, F.scaled_dot_product_attention = F.scaled_dot_product_attention, _flash_like_sdpa
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(**inputs)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    per_block = [0] * len(blocks)
+    for key, nbytes in seen.items():
+        if owner[key] is not None:
+            per_block[owner[key]] += nbytes
+    return sum(seen.values()), per_block, tokens
+
+
+def flux_activation_gib(model, px, samples):
+    """(without, with gradient checkpointing) GiB of activations of one trainable forward on
+    `samples` samples. Checkpointing (diffusers checkpoints each block) keeps each block's
+    inputs — the image and text streams, (tokens + text) x width bf16 — instead of what the
+    blocks save, and recomputes one block at a time in backward."""
+    total, per_block, tokens = flux_saved_bytes(model, px, samples)
+    width = model.config.num_attention_heads * model.config.attention_head_dim
+    stream = samples * (tokens + FLUX_T5_LENGTH) * width * 2
+    checkpointed = total - sum(per_block) + len(per_block) * stream + max(per_block)
+    return total / GiB, checkpointed / GiB
+
+
+def flux_table(rank=4, samples=2):
+    """FLUX.1-dev / schnell rows: (name, transformer params, adapter params, rows of
+    (base, px, static GiB columns, activations without / with checkpointing))."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from rpo.families.sd15 import UNET_LORA_TARGETS as LORA_TARGET_MODULES
+    out = []
+    for name, config in (("FLUX.1-dev", FLUX_DEV_TRANSFORMER), ("FLUX.1-schnell", FLUX_SCHNELL_TRANSFORMER)):
+        torch.set_default_dtype(torch.bfloat16)  # built in bf16 (a .to() would warn about fp32 modules: it has none)
+        try:
+            with torch.device("meta"):
+                model = FluxTransformer2DModel(**config).requires_grad_(False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        params = sum(p.numel() for p in model.parameters())
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        linear_weights = sum(m.weight.numel() for m in linears)
+        rows_out = sum(m.weight.shape[0] for m in linears)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGET_MODULES),
+                                     init_lora_weights=True), adapter_name="policy")
+        adapter = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        activations = {px: flux_activation_gib(model, px, samples) for px in (512, 1024)}
+        rows = []
+        for base in FLUX_BASES:
+            weights = quantized_bytes(params, linear_weights, rows_out, base)
+            # adapters in fp32 (weights, grads, AdamW m+v); the reference is the base, adapters off
+            static = (weights, 4 * adapter, 4 * adapter, 8 * adapter)
+            for px in (512, 1024):
+                rows.append((base, px, [b / GiB for b in static], activations[px]))
+        out.append((name, params, adapter, rows))
+    return out
 
 
 def max_rss_gib():
@@ -247,6 +393,22 @@ def main():
               f"{sum(r):.2f} |")
     print(f"(bf16, GiB per GPU; at start-up the encoders alone ({rows[0][1][5]:.2f}) are on the GPU while the "
           "captions are encoded, before the transformer loads; activations come on top)")
+    parts = flux_parts()
+    flux = flux_table(args.rank)
+    print(f"\nFLUX.1: transformer dev {flux[0][1] / 1e6:.1f} M, schnell {flux[1][1] / 1e6:.1f} M, LoRA r{args.rank} "
+          f"{flux[0][2] / 1e6:.2f} M (fp32); " + ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in parts.items()))
+    print("| model | base | px | base weights | adapter | grads | AdamW | VAE | static total | activations | "
+          "activations, gradient checkpointing | total, checkpointing |")
+    vae = 2 * parts["VAE"] / GiB
+    for name, _, _, rows in flux:
+        for base, px, static, (act, act_ckpt) in rows:
+            total = sum(static) + vae
+            print(f"| {name} LoRA r{args.rank} | {base} | {px} | " + " | ".join(f"{b:.2f}" for b in static) +
+                  f" | {vae:.2f} | {total:.2f} | {act:.2f} | {act_ckpt:.2f} | {total + act_ckpt:.2f} |")
+    print(f"(GiB per GPU; activations of one trainable forward on 2 samples (--batch_size 1: an expert and a policy "
+          f"sample) at {FLUX_T5_LENGTH} T5 tokens, flash attention; text encoders "
+          f"({2 * (parts['CLIP-L'] + parts['T5-XXL encoder']) / GiB:.2f} in bf16) are freed after the captions are "
+          "encoded; CUDA context and workspace come on top)")
     if args.measure_sdxl_lora:
         base, peak, seconds, adapter_n = measure_sdxl_lora(args.latent, args.pairs, args.rank)
         print(f"\nmeasured: SDXL UNet + LoRA r{args.rank} ({adapter_n / 1e6:.2f} M adapter parameters), CPU, bf16, "

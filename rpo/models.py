@@ -124,6 +124,24 @@ def set_hub_timeouts(seconds=None):
     _http.set_client_factory(with_timeout)
 
 
+def pipeline_class_name(source, *, revision=None, cache_dir=None):
+    """`_class_name` of the pipeline's model_index.json (a local folder, or a hub id already
+    cached / reachable); None when it cannot be read."""
+    if os.path.isdir(source):
+        path = os.path.join(source, "model_index.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(source, "model_index.json", **hub_options(revision, cache_dir))
+        except Exception:  # noqa: BLE001 - offline / unknown id: the loaders report it later in one line
+            return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
 def is_local(source):
     return source is not None and os.path.exists(source)
 

@@ -1,35 +1,14 @@
 """Model families by name (docs/design.md, "The run's parts"): one class per family, one
 registry line each. `resolve` picks the family of a run from `--model_family` (auto: the
 pipeline's model_index.json) before any weight loads."""
-import json
-import os
-
 from rpo.cli import UserError
 from rpo.families.sd3 import SD3
 from rpo.families.sd15 import SD15
 from rpo.families.sdxl import SDXL
-from rpo.models import hub_options
+from rpo.models import pipeline_class_name
 
 FAMILIES = {cls.name: cls for cls in (SD15, SDXL, SD3)}
 LEGACY = {"unet": ("sd15", "sdxl")}  # --model_family unet (before SDXL was a family): --sdxl picks
-
-
-def pipeline_class_name(source, *, revision=None, cache_dir=None):
-    """`_class_name` of the pipeline's model_index.json (a local folder, or a hub id already
-    cached / reachable); None when it cannot be read."""
-    if os.path.isdir(source):
-        path = os.path.join(source, "model_index.json")
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-            path = hf_hub_download(source, "model_index.json", **hub_options(revision, cache_dir))
-        except Exception:  # noqa: BLE001 - offline / unknown id: the loaders report it later in one line
-            return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f).get("_class_name")
-    except (OSError, ValueError):
-        return None
 
 
 def detect(source, **hub):

@@ -63,9 +63,9 @@ def t5_vocabulary():
     return vocab
 
 
-def write_t5_tokenizer(out):
+def write_t5_tokenizer(out, model_max_length=256):
     from transformers import T5Tokenizer
-    tokenizer = T5Tokenizer(vocab=t5_vocabulary(), extra_ids=0, model_max_length=256)
+    tokenizer = T5Tokenizer(vocab=t5_vocabulary(), extra_ids=0, model_max_length=model_max_length)
     tokenizer.save_pretrained(out)
     return T5Tokenizer.from_pretrained(out)  # what the pipeline will read back
 
